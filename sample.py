@@ -1,0 +1,438 @@
+"""
+Flow-matching text-to-image sampling, written out: Z-Image, Qwen-Image, SD3.5 and FLUX.1.
+
+One small adapter per family (encode the prompts, call the transformer, the guidance rule,
+decode the latents) and one shared Euler loop. Every adapter returns the velocity in one
+convention, v = dx/dsigma = eps - x0 (sigma = 1 is noise), so the loop and the AWM loss
+never care which family they drive. Tests hold each family to its diffusers pipeline.
+
+    python sample.py --model DIR --prompt "a red cube" --n 4 --out out/samples
+    python sample.py --model DIR --lora out/run/ckpt/lora.safetensors --prompts prompts.jsonl
+"""
+import argparse
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+
+# model_index.json's _class_name -> family
+FAMILIES = {'ZImagePipeline': 'zimage', 'QwenImagePipeline': 'qwenimage',
+            'StableDiffusion3Pipeline': 'sd3', 'FluxPipeline': 'flux'}
+# LoRA target modules per family: the attention projections (diffusers' DreamBooth-LoRA defaults;
+# SD3/FLUX add the text-stream projections of their joint blocks, as Flow-GRPO/AWM do).
+LORA_TARGETS = {
+    'zimage': ['to_q', 'to_k', 'to_v', 'to_out.0'],
+    'qwenimage': ['to_q', 'to_k', 'to_v', 'to_out.0'],
+    'sd3': ['to_q', 'to_k', 'to_v', 'to_out.0', 'add_q_proj', 'add_k_proj', 'add_v_proj', 'to_add_out'],
+    'flux': ['to_q', 'to_k', 'to_v', 'to_out.0', 'add_q_proj', 'add_k_proj', 'add_v_proj', 'to_add_out'],
+}
+QWEN_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                 "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                 "<|im_end|>\n<|im_start|>assistant\n")
+QWEN_DROP = 34             # tokens of the system part above, dropped from the embeddings (as the pipeline does)
+MAX_TEXT_LEN = 512         # max prompt tokens (Z-Image, Qwen-Image, FLUX T5; SD3 uses 256 for T5)
+ZIMAGE_CFG_NORM = 0.0      # Z-Image: cap |v_cfg| at this multiple of |v_cond| per image (0 = off, pipeline default)
+ZIMAGE_CFG_TRUNC = 1.0     # Z-Image: drop guidance once the model time 1 - sigma exceeds this (1.0 = never)
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def load_model(path, device='cpu', dtype=torch.float32):
+    """Components of a diffusers directory, loaded with from_pretrained(path, subfolder=...)."""
+    index = os.path.join(path, 'model_index.json')
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{path} is not a diffusers model directory (no model_index.json)")
+    spec = json.load(open(index))
+    family = FAMILIES.get(spec.get('_class_name'))
+    if family is None:
+        raise ValueError(f"unsupported pipeline {spec.get('_class_name')!r}; supported: {', '.join(FAMILIES)}")
+    import diffusers
+    import transformers
+    parts = {}
+    for name, (lib, cls) in ((k, v) for k, v in spec.items() if not k.startswith('_') and isinstance(v, list)):
+        if cls is None:
+            parts[name] = None
+            continue
+        sub = os.path.join(path, name)
+        if not os.path.isdir(sub):
+            raise FileNotFoundError(f"model_index.json lists {name!r} but the subfolder {sub} is missing")
+        klass = getattr(diffusers if lib == 'diffusers' else transformers, cls)
+        if name.startswith('tokenizer'):
+            parts[name] = klass.from_pretrained(path, subfolder=name)
+        elif name == 'scheduler':
+            parts[name] = dict(klass.load_config(path, subfolder=name))
+        else:
+            parts[name] = klass.from_pretrained(path, subfolder=name, torch_dtype=dtype).to(device).eval()
+            parts[name].requires_grad_(False)
+    m = SimpleNamespace(family=family, pipeline=spec['_class_name'], device=torch.device(device), dtype=dtype, **parts)
+    if family == 'qwenimage':
+        m.vae_scale = 2 ** len(m.vae.temperal_downsample)
+        m.latent_channels = m.vae.config.z_dim
+    else:
+        m.vae_scale = 2 ** (len(m.vae.config.block_out_channels) - 1)
+        m.latent_channels = m.vae.config.latent_channels
+    return m
+
+
+def check_size(m, height, width):
+    """Latents are packed in 2x2 patches: sides must be multiples of 2 * vae_scale."""
+    q = 2 * m.vae_scale
+    for side, name in ((height, 'height'), (width, 'width')):
+        if side % q or side <= 0:
+            lo, hi = max(q, side // q * q), (side // q + 1) * q
+            raise ValueError(f"{name}={side} is not a multiple of {q} for this {m.family} model; "
+                             f"nearest valid sizes: {lo} or {hi}")
+
+
+def latent_shape(m, height, width):
+    check_size(m, height, width)
+    return (m.latent_channels, height // m.vae_scale, width // m.vae_scale)  # [C, h, w]
+
+
+def initial_noise(m, seeds, height, width):
+    """x_1 ~ N(0, I), image i drawn from its own seed: the same image at any batch size or world size."""
+    shape = latent_shape(m, height, width)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+# -----------------------------------------------------------------------------
+# the sigma schedule (FlowMatchEulerDiscreteScheduler.set_timesteps, written out)
+
+def sigma_schedule(m, steps, height, width):
+    """[steps + 1] float32 sigmas from 1 down to 0, with the family's (resolution-dependent) shift."""
+    sc = m.scheduler
+    for k in ('use_karras_sigmas', 'use_exponential_sigmas', 'use_beta_sigmas', 'invert_sigmas'):
+        if sc.get(k):
+            raise ValueError(f"scheduler option {k} is not supported by this sampler")
+    n_tok = (height // m.vae_scale // 2) * (width // m.vae_scale // 2)  # image tokens after 2x2 packing
+    if m.family == 'sd3':                                   # SD3 passes no sigmas: t from sigma_max to sigma_min
+        shift = sc.get('shift', 1.0)
+        s_min = shift * 1e-3 / (1 + (shift - 1) * 1e-3)      # the scheduler's shifted sigma at t = 1
+        s = np.linspace(1.0, s_min, steps)
+    else:
+        s = np.linspace(1.0, 1.0 / steps, steps)
+    s = s.astype(np.float32).astype(np.float64)
+    if sc.get('use_dynamic_shifting'):                      # resolution-dependent shift mu (calculate_shift)
+        b0, b1 = sc.get('base_image_seq_len', 256), sc.get('max_image_seq_len', 4096)
+        s0, s1 = sc.get('base_shift', 0.5), sc.get('max_shift', 1.15)
+        mu = s0 + (s1 - s0) / (b1 - b0) * (n_tok - b0)
+        if sc.get('time_shift_type', 'exponential') == 'exponential':
+            s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))  # sigma' = e^mu / (e^mu + 1/sigma - 1)
+        else:
+            s = mu / (mu + (1 / s - 1))
+    else:
+        shift = sc.get('shift', 1.0)
+        s = shift * s / (1 + (shift - 1) * s)                # sigma' = shift*sigma / (1 + (shift-1)*sigma)
+    if sc.get('shift_terminal'):                            # stretch so the last sigma is shift_terminal
+        one_minus = 1 - s
+        s = 1 - one_minus / (one_minus[-1] / (1 - sc['shift_terminal']))
+    return torch.cat([torch.tensor(s, dtype=torch.float32), torch.zeros(1)])
+
+
+# -----------------------------------------------------------------------------
+# conditioning: dicts of tensors, batch first, so rows can be indexed and concatenated
+
+def take(cond, idx):
+    """Rows idx of every tensor in cond."""
+    return {k: v[idx] for k, v in cond.items()}
+
+
+def cat(conds):
+    """Concatenate conds along the batch; sequence dims (dim 1) are zero-padded to the longest (masks too)."""
+    out = {}
+    for k in conds[0]:
+        vs = [c[k] for c in conds]
+        if vs[0].dim() >= 2 and k in ('emb', 'mask'):
+            L = max(v.shape[1] for v in vs)
+            vs = [torch.cat([v, v.new_zeros(v.shape[0], L - v.shape[1], *v.shape[2:])], 1) for v in vs]
+        out[k] = torch.cat(vs)
+    return out
+
+
+def _pack(x):
+    """[B, C, h, w] -> [B, h/2 * w/2, 4C]: 2x2 latent patches as tokens (Qwen-Image, FLUX)."""
+    B, C, h, w = x.shape
+    return x.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
+
+
+def _unpack(x, h, w):
+    """[B, h/2 * w/2, 4C] -> [B, C, h, w]."""
+    B, _, C4 = x.shape
+    return x.view(B, h // 2, w // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, h, w)
+
+
+# -- Z-Image: Qwen3 text encoder (second-to-last layer), single-stream DiT on lists ----------------
+
+def encode_zimage(m, prompts):
+    texts = [m.tokenizer.apply_chat_template([{'role': 'user', 'content': p}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=True) for p in prompts]
+    # padding to the longest, not to 512 like the pipeline: causal encoder + right padding = same real tokens
+    t = m.tokenizer(texts, padding=True, max_length=MAX_TEXT_LEN, truncation=True, return_tensors='pt').to(m.device)
+    h = m.text_encoder(input_ids=t.input_ids, attention_mask=t.attention_mask, output_hidden_states=True)
+    return {'emb': h.hidden_states[-2], 'mask': t.attention_mask.bool()}    # [B, L, D], [B, L]
+
+
+def forward_zimage(m, x, sigma, cond):
+    caps = [e[k] for e, k in zip(cond['emb'], cond['mask'].bool())]      # variable-length prompts, no padding
+    out = m.transformer(list(x.unsqueeze(2).unbind(0)), 1 - sigma, caps, return_dict=False)[0]  # model time 1 - sigma
+    return -torch.stack(out).squeeze(2).float()              # Z-Image predicts x0 - eps: flip to eps - x0
+
+
+def guide_zimage(v_c, v_u, cfg, sigma):
+    v = v_c + cfg * (v_c - v_u)                              # Z-Image CFG: cond + g (cond - uncond)
+    if ZIMAGE_CFG_TRUNC < 1:                                 # truncation: no guidance late in sampling
+        late = ((1 - sigma) > ZIMAGE_CFG_TRUNC).view(-1, 1, 1, 1)
+        v = torch.where(late, v_c, v)
+    if ZIMAGE_CFG_NORM > 0:                                  # normalisation: |v| <= c |v_cond| per image
+        n_c, n = v_c.flatten(1).norm(dim=1), v.flatten(1).norm(dim=1)
+        v = v * torch.clamp(n_c * ZIMAGE_CFG_NORM / n, max=1.0).view(-1, 1, 1, 1)
+    return v
+
+
+def decode_scaled(m, x):
+    """VAE with a scalar scaling/shift (Z-Image, SD3, FLUX): z = x / scale + shift."""
+    z = x / m.vae.config.scaling_factor + (m.vae.config.shift_factor or 0.0)
+    return (m.vae.decode(z.to(m.vae.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+
+# -- Qwen-Image: Qwen2.5-VL text encoder with a system prompt, MMDiT on packed latents -------------
+
+def encode_qwenimage(m, prompts):
+    t = m.tokenizer([QWEN_TEMPLATE.format(p) for p in prompts], max_length=1024 + QWEN_DROP, padding=True,
+                    truncation=True, return_tensors='pt').to(m.device)
+    h = m.text_encoder(input_ids=t.input_ids, attention_mask=t.attention_mask, output_hidden_states=True)
+    h = h.hidden_states[-1]
+    seqs = [hi[mi.bool()][QWEN_DROP:][:MAX_TEXT_LEN] for hi, mi in zip(h, t.attention_mask)]  # drop system part
+    L = max(s.shape[0] for s in seqs)
+    emb = torch.stack([torch.cat([s, s.new_zeros(L - s.shape[0], s.shape[1])]) for s in seqs])  # [B, L, D]
+    mask = torch.stack([torch.arange(L, device=m.device) < s.shape[0] for s in seqs]).long()     # [B, L]
+    return {'emb': emb, 'mask': mask}
+
+
+def forward_qwenimage(m, x, sigma, cond):
+    B, C, h, w = x.shape
+    mask = cond['mask']
+    out = m.transformer(hidden_states=_pack(x).to(m.transformer.dtype), timestep=sigma.to(m.transformer.dtype),
+                        encoder_hidden_states=cond['emb'], encoder_hidden_states_mask=None if mask.all() else mask,
+                        img_shapes=[[(1, h // 2, w // 2)]] * B, return_dict=False)[0]
+    return _unpack(out.float(), h, w)                        # predicts eps - x0 directly
+
+
+def guide_qwenimage(v_c, v_u, cfg, sigma):
+    h, w = v_c.shape[-2:]
+    c, u = _pack(v_c), _pack(v_u)                            # the rescale is per packed token
+    comb = u + cfg * (c - u)                                 # true CFG
+    comb = comb * (c.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))  # keep |v_cond| per token
+    return _unpack(comb, h, w)
+
+
+def decode_qwenimage(m, x):
+    mean = torch.tensor(m.vae.config.latents_mean, device=x.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(m.vae.config.latents_std, device=x.device).view(1, -1, 1, 1, 1)
+    z = x[:, :, None] * std + mean                           # per-channel statistics; [B, C, 1, h, w] video VAE
+    img = m.vae.decode(z.to(m.vae.dtype), return_dict=False)[0][:, :, 0]
+    return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+def guide_plain(v_c, v_u, cfg, sigma):
+    return v_u + cfg * (v_c - v_u)                           # standard CFG: uncond + g (cond - uncond)
+
+
+ADAPTERS = {
+    'zimage': dict(encode=encode_zimage, forward=forward_zimage, guide=guide_zimage, decode=decode_scaled),
+    'qwenimage': dict(encode=encode_qwenimage, forward=forward_qwenimage, guide=guide_qwenimage,
+                      decode=decode_qwenimage),
+}
+
+
+# -----------------------------------------------------------------------------
+# the shared pieces: encode, velocity, Euler loop, decode
+
+def encode(m, prompts):
+    return ADAPTERS[m.family]['encode'](m, list(prompts))
+
+
+def velocity(m, x, sigma, cond):
+    """v_theta(x_sigma, sigma | prompt) in the eps - x0 convention. x [B, C, h, w], sigma [B]."""
+    return ADAPTERS[m.family]['forward'](m, x, sigma, cond)
+
+
+def guided_velocity(m, x, sigma, cond, neg, cfg):
+    """The velocity used for sampling: the family's guidance rule, cond and uncond in one batched forward."""
+    if neg is None or (cfg <= 1 and m.family != 'zimage') or cfg <= 0:
+        return velocity(m, x, sigma, cond)
+    B = x.shape[0]
+    v = velocity(m, torch.cat([x, x]), torch.cat([sigma, sigma]), cat([cond, neg]))  # [2B, C, h, w]
+    return ADAPTERS[m.family]['guide'](v[:B], v[B:], cfg, sigma)
+
+
+@torch.no_grad()
+def euler_sample(m, cond, noise, sigmas, cfg=0.0, neg=None, trajectory=False):
+    """Integrate dx/dsigma = v from sigma = 1 (noise) to 0. Returns x0 [B, C, h, w] (and the path)."""
+    x = noise.to(m.device, torch.float32)
+    path = [x] if trajectory else None
+    sig = sigmas.to(m.device)
+    for i in range(len(sig) - 1):
+        s = sig[i].expand(x.shape[0])
+        v = guided_velocity(m, x.to(m.dtype), s, cond, neg, cfg)
+        x = x + (sig[i + 1] - sig[i]) * v                    # Euler step: x <- x + (sigma_next - sigma) v
+        if trajectory:
+            path.append(x)
+    return (x, torch.stack(path, 1)) if trajectory else x
+
+
+@torch.no_grad()
+def decode(m, x0):
+    """Clean latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1]."""
+    return ADAPTERS[m.family]['decode'](m, x0)
+
+
+@torch.no_grad()
+def generate(m, prompts, seeds, steps=50, cfg=4.0, height=1024, width=1024, negative_prompt='', batch=4):
+    """Prompts + per-image seeds -> (images [B, 3, H, W] in [0, 1], x0 latents). Paper eval: 50 steps, CFG 4."""
+    sigmas = sigma_schedule(m, steps, height, width)
+    noise = initial_noise(m, seeds, height, width)
+    neg = encode(m, [negative_prompt]) if cfg > 0 else None
+    images, latents = [], []
+    for i in range(0, len(prompts), batch):
+        cond = encode(m, prompts[i:i + batch])
+        n = noise[i:i + batch]
+        x0 = euler_sample(m, cond, n, sigmas, cfg, None if neg is None else take(neg, [0] * len(n)))
+        images.append(decode(m, x0).cpu())
+        latents.append(x0.cpu())
+    return torch.cat(images), torch.cat(latents)
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+def add_lora(m, rank, alpha):
+    """Attach a peft LoRA (adapter 'default') to the transformer's LORA_TARGETS; only it trains."""
+    from peft import LoraConfig
+    m.transformer.requires_grad_(False)
+    m.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights='gaussian',
+                                         target_modules=LORA_TARGETS[m.family]))
+    return [p for p in m.transformer.parameters() if p.requires_grad]
+
+
+def save_lora(m, path):
+    """The LoRA as safetensors that the diffusers pipeline's load_lora_weights reads as is (atomic)."""
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(m.transformer).items()}
+    meta = m.transformer.peft_config['default'].to_dict()
+    meta['target_modules'] = sorted(meta['target_modules'])
+    d, name = os.path.split(os.path.abspath(path))
+    getattr(diffusers, m.pipeline).save_lora_weights(d, transformer_lora_layers=sd, weight_name=name + '.tmp',
+                                                     transformer_lora_adapter_metadata=meta)
+    os.replace(os.path.join(d, name + '.tmp'), path)
+
+
+def load_lora(m, path):
+    """Load a LoRA saved by save_lora (or any diffusers-format transformer LoRA) into m.transformer."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA file {path} not found")
+    sd = {k.removeprefix('transformer.'): v for k, v in load_file(path).items()}
+    if not getattr(m.transformer, 'peft_config', None):
+        from safetensors import safe_open
+        with safe_open(path, 'pt') as f:
+            meta = json.loads((f.metadata() or {}).get('lora_adapter_metadata', '{}'))  # keys 'transformer.r', ...
+        rank = meta.get('transformer.r') or next(v.shape[0] for k, v in sd.items() if 'lora_A' in k)
+        add_lora(m, rank, meta.get('transformer.lora_alpha', rank))  # no metadata: diffusers assumes alpha = r
+    res = set_peft_model_state_dict(m.transformer, sd)
+    if res.unexpected_keys:
+        raise ValueError(f"{path}: {len(res.unexpected_keys)} LoRA tensors do not fit this transformer, "
+                         f"e.g. {res.unexpected_keys[0]}")
+
+
+# -----------------------------------------------------------------------------
+# prompt files and images
+
+def read_prompts(path):
+    """A .jsonl of {"prompt", "label"?, "query"?, "id"?} or a .txt with one prompt per line -> list of dicts."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path} not found")
+    rows = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.endswith('.jsonl'):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or not str(row.get('prompt', '')).strip():
+                    raise ValueError(f'{path}:{n}: each line needs a non-empty "prompt" field')
+            else:
+                row = {'prompt': line}
+            row.setdefault('id', str(n - 1))
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return rows
+
+
+def to_uint8(images):
+    """[B, 3, H, W] in [0, 1] -> uint8 numpy [B, H, W, 3]."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid(images, nrow):
+    """[B, 3, H, W] -> one PIL image, nrow images per row."""
+    arr = to_uint8(images)
+    B, H, W, _ = arr.shape
+    rows = math.ceil(B / nrow)
+    canvas = np.full((rows * H, nrow * W, 3), 255, np.uint8)
+    for i, a in enumerate(arr):
+        canvas[(i // nrow) * H:(i // nrow + 1) * H, (i % nrow) * W:(i % nrow + 1) * W] = a
+    return Image.fromarray(canvas)
+
+
+def save_png(img, path):
+    """Atomic PNG write (a killed run never leaves a truncated image behind)."""
+    tmp = path + '.tmp.png'
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser(description="Sample images from a diffusers flow-matching model (+ optional LoRA)")
+    ap.add_argument('--model', required=True)
+    ap.add_argument('--lora', default='')
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument('--prompt')
+    src.add_argument('--prompts', help=".jsonl or .txt prompt file")
+    ap.add_argument('--n', type=int, default=4, help="images per prompt")
+    ap.add_argument('--steps', type=int, default=50)
+    ap.add_argument('--cfg', type=float, default=4.0)
+    ap.add_argument('--size', type=int, default=1024)
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--negative_prompt', default='')
+    ap.add_argument('--batch', type=int, default=4)
+    ap.add_argument('--out', default='out/samples')
+    a = ap.parse_args()
+    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    m = load_model(a.model, dev, torch.bfloat16 if dev == 'cuda' else torch.float32)
+    check_size(m, a.size, a.size)
+    if a.lora:
+        load_lora(m, a.lora)
+    rows = [{'prompt': a.prompt, 'id': '0'}] if a.prompt else read_prompts(a.prompts)
+    os.makedirs(a.out, exist_ok=True)
+    from tqdm import tqdm
+    for r in tqdm(rows, desc='prompts'):
+        seeds = [a.seed + k for k in range(a.n)]
+        imgs, _ = generate(m, [r['prompt']] * a.n, seeds, a.steps, a.cfg, a.size, a.size, a.negative_prompt, a.batch)
+        for k, im in enumerate(to_uint8(imgs)):
+            save_png(Image.fromarray(im), os.path.join(a.out, f"{r['id']}_{seeds[k]}.png"))
+        save_png(grid(imgs, min(a.n, 4)), os.path.join(a.out, f"{r['id']}_grid.png"))
+    print(f"wrote {len(rows) * a.n} images to {a.out}")

@@ -1,0 +1,364 @@
+"""
+The toy world (the shakespeare_char of promptecho): scenes of 1-4 coloured shapes on white,
+small enough to run text-to-image RL on a laptop CPU. This part holds the SCENE side:
+sampling, rendering, a caption grammar whose captions are TRUE of their scene, a parser,
+a pixel-only detector and the scorer built on both.
+
+Conventions
+- pixel (row i, col j) has its centre at (x=j, y=i); y grows downwards.
+- an object's r is its circumradius: the whole shape lies inside the circle (x, y, r).
+- a caption enumerates ALL objects of its scene. Its claims (what parse_caption returns):
+    ('count', color, shape, n)                  one per colour-shape group mentioned, n >= 1
+    ('total', n)                                always; n = number of objects, so an extra object is an error
+    ('rel', (color, shape), rel, (color, shape)) at most one; both groups are mentioned with n == 1
+  in this order: counts sorted by (COLORS, SHAPES) order, total, rel.
+- relation rule (relation_holds): a is left of b when b lies in the 90-degree cone to the right
+  of a, i.e. (b.x - a.x) - |b.y - a.y| > 0; likewise right / above / below. Captions only state
+  a relation when it holds with a margin of REL_SLACK px; the scorer checks it with margin 0.
+"""
+import re
+from collections import Counter
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# the world
+IMAGE_SIZE = 64                 # images are (IMAGE_SIZE, IMAGE_SIZE, 3) uint8
+BACKGROUND = (255, 255, 255)    # white
+COLORS = {'red': (220, 30, 30), 'green': (30, 170, 50), 'blue': (30, 60, 220), 'yellow': (240, 200, 20)}
+SHAPES = ('circle', 'square', 'triangle')
+R_MIN, R_MAX = 7.0, 11.0        # circumradius range, px
+MAX_OBJECTS = 4
+GAP = 3.0                       # min px between two objects' circumcircles: objects never touch
+EDGE = 2.0                      # min px between a circumcircle and the border (room for +-2 px jitter)
+SUPERSAMPLE = 4                 # render at 4x4 samples per pixel, then box-average (anti-aliasing)
+AREA_FACTOR = {'circle': np.pi, 'square': 2.0, 'triangle': 3 * np.sqrt(3) / 4}  # area = f * r^2
+# detector
+MIN_ALPHA = 0.5                 # a pixel is an object pixel when >= half-way from background to a colour
+MAX_OFF_AXIS = 0.7              # ... and its colour is within atan(0.7) = 35 deg of that colour's
+MIN_AREA = 20                   # smaller components (px at 64x64) are noise
+# relations and caption grammar
+RELATIONS = ('left', 'right', 'above', 'below')
+REL_SLACK = 3.0                 # px margin a relation must hold by before a caption states it
+P_RELATION = 0.5                # chance a caption states a relation (when one is available)
+P_TOTAL = 0.25                  # chance a caption says the total ("three shapes: ...")
+MAX_WORDS = 20                  # captions have at most this many words (punctuation not counted)
+NUMBER_WORDS = {1: ('a', 'one'), 2: ('two',), 3: ('three',), 4: ('four',)}
+PLURALS = {'circle': 'circles', 'square': 'squares', 'triangle': 'triangles'}
+PREFIXES = ('', '', 'a picture of', 'an image showing', 'an image of', 'a drawing of', 'a photo of',
+            'there are')    # ('' twice: half of the captions have no prefix; 'there is' when singular)
+TOTAL_NOUNS = ('shapes', 'objects')
+REL_PHRASES = {'left': ('to the left of', 'left of'), 'right': ('to the right of', 'right of'),
+               'above': ('above',), 'below': ('below', 'under')}
+QUERY_WORDS = ('describe', 'this', 'image', 'in', 'detail', '.')  # "Describe this image in detail."
+_phrases = [*PREFIXES, 'there is', *(p for ps in REL_PHRASES.values() for p in ps)]
+VOCAB = sorted({w for p in _phrases for w in p.split()} | {w for ws in NUMBER_WORDS.values() for w in ws}
+               | set(COLORS) | set(SHAPES) | set(PLURALS.values()) | set(TOTAL_NOUNS)
+               | {'and', 'with', 'the', 'is', ',', '.', ':'})  # every token a caption can hold
+
+# -----------------------------------------------------------------------------
+# scenes and rendering
+
+def random_scene(rng, n_objects=None):
+    """A list of non-overlapping objects {'shape', 'color', 'x', 'y', 'r'} inside the canvas."""
+    n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
+    assert 1 <= n <= MAX_OBJECTS, n
+    while True:  # rejection sampling; start over in the rare case the objects do not fit
+        scene = []
+        for _ in range(100 * n):
+            if len(scene) == n:
+                break
+            r = rng.uniform(R_MIN, R_MAX)
+            x, y = rng.uniform(r + EDGE, IMAGE_SIZE - 1 - r - EDGE, size=2)
+            shape, color = _pick(rng, SHAPES), _pick(rng, list(COLORS))
+            if all(np.hypot(x - o['x'], y - o['y']) >= r + o['r'] + GAP for o in scene):
+                scene.append(dict(shape=shape, color=color, x=float(x), y=float(y), r=float(r)))
+        if len(scene) == n:
+            return scene
+
+def _pick(rng, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+def _coverage(shape, x, y, r, x0, y0, w, h, ss=SUPERSAMPLE):
+    """Fraction of each pixel of the window rows y0..y0+h-1, cols x0..x0+w-1 inside the shape: (h, w)."""
+    o = (np.arange(ss) + 0.5) / ss - 0.5                     # sub-pixel sample offsets
+    X = ((x0 + np.arange(w))[:, None] + o).reshape(1, -1) - x  # (1, w*ss) relative to the centre
+    Y = ((y0 + np.arange(h))[:, None] + o).reshape(-1, 1) - y  # (h*ss, 1)
+    if shape == 'circle':
+        inside = X ** 2 + Y ** 2 <= r ** 2
+    elif shape == 'square':  # axis-aligned, half-side r / sqrt(2)
+        inside = (np.abs(X) <= r / np.sqrt(2)) & (np.abs(Y) <= r / np.sqrt(2))
+    else:  # equilateral triangle, apex up at (x, y - r), base at y + r/2; centroid = (x, y)
+        inside = (Y <= r / 2) & (np.sqrt(3) * np.abs(X) <= Y + r)
+    return inside.reshape(h, ss, w, ss).mean(axis=(1, 3))    # (h*ss, w*ss) -> (h, w)
+
+def render(scene, size=IMAGE_SIZE):
+    """Rasterise a scene (coordinates in IMAGE_SIZE units) to a (size, size, 3) uint8 image."""
+    s = size / IMAGE_SIZE
+    img = np.full((size, size, 3), BACKGROUND, dtype=np.float64)
+    for o in scene:
+        x, y = (o['x'] + 0.5) * s - 0.5, (o['y'] + 0.5) * s - 0.5  # pixel centres scale about the corner
+        cov = _coverage(o['shape'], x, y, o['r'] * s, 0, 0, size, size)[..., None]  # (H, W, 1)
+        img = img * (1 - cov) + np.array(COLORS[o['color']], float) * cov
+    return np.round(img).astype(np.uint8)
+
+def relation_holds(a, b, rel, slack=0.0):
+    """Is object a `rel` object b? e.g. left: b is in the 90-degree cone right of a, by > slack px."""
+    dx, dy = b['x'] - a['x'], b['y'] - a['y']
+    along, across = {'left': (dx, dy), 'right': (-dx, dy), 'above': (dy, dx), 'below': (-dy, dx)}[rel]
+    return along - abs(across) > slack
+
+# -----------------------------------------------------------------------------
+# captions: scene -> claims -> text -> claims
+
+def scene_claims(scene, rng):
+    """The claims a caption of this scene makes (all true): counts, total, maybe one relation."""
+    counts = Counter((o['color'], o['shape']) for o in scene)
+    claims = [('count', c, s, counts[c, s]) for c in COLORS for s in SHAPES if counts[c, s]]
+    claims.append(('total', len(scene)))
+    singles = [o for o in scene if counts[o['color'], o['shape']] == 1]  # relations need unique referents
+    options = [(a, rel, b) for a in singles for b in singles if a is not b
+               for rel in RELATIONS if relation_holds(a, b, rel, REL_SLACK)]
+    if options and rng.random() < P_RELATION:
+        a, rel, b = _pick(rng, options)
+        claims.append(('rel', (a['color'], a['shape']), rel, (b['color'], b['shape'])))
+    return claims
+
+def _noun(color, shape, n, rng, definite=False):  # "two red circles", "a red circle", "the red circle"
+    return ['the' if definite else _pick(rng, NUMBER_WORDS[n]), color, shape if n == 1 else PLURALS[shape]]
+
+def _phrase(claims, rng, plain):
+    """One random phrasing of the claims as a list of tokens; plain=True gives the shortest form."""
+    groups = [c[1:] for c in claims if c[0] == 'count']         # (color, shape, n), randomly ordered below
+    total = next(c[1] for c in claims if c[0] == 'total')
+    rel = next((c[1:] for c in claims if c[0] == 'rel'), None)  # ((color, shape), rel, (color, shape))
+    form = None if rel is None else 'embedded' if plain else _pick(rng, ('embedded', 'with', 'sentence'))
+    items = []
+    if rel is not None:
+        rel_words = _pick(rng, REL_PHRASES[rel[1]]).split()
+        if form == 'embedded':  # "a green triangle to the left of a yellow circle" is the first item
+            items.append(_noun(*rel[0], 1, rng) + rel_words + _noun(*rel[2], 1, rng))
+    items += [_noun(*groups[i], rng) for i in rng.permutation(len(groups))
+              if form != 'embedded' or groups[i][:2] not in (rel[0], rel[2])]
+    body = items[0]
+    for k, item in enumerate(items[1:], 2):  # "a, b and c" or "a, b, and c"
+        last, oxford = k == len(items), k > 2 and rng.random() < 0.5
+        body = body + ([',', 'and'] if last and oxford else ['and'] if last else [',']) + item
+    words = [] if plain else _pick(rng, PREFIXES).split()
+    if not plain and len(groups) > 1 and rng.random() < P_TOTAL:  # "three shapes: ..."
+        words += [NUMBER_WORDS[total][-1], _pick(rng, TOTAL_NOUNS), ':']
+    elif words == ['there', 'are'] and body[0] in NUMBER_WORDS[1]:
+        words = ['there', 'is']
+    words += body
+    if form == 'with':  # "..., with the red circle above the blue square"
+        words += [',', 'with'] + _noun(*rel[0], 1, rng, True) + rel_words + _noun(*rel[2], 1, rng, True)
+    elif form == 'sentence':  # "... . the red circle is above the blue square"
+        words += ['.'] + _noun(*rel[0], 1, rng, True) + ['is'] + rel_words + _noun(*rel[2], 1, rng, True)
+    if not plain and rng.random() < 0.5:
+        words.append('.')
+    return words
+
+def verbalize(claims, rng):
+    """Claims -> caption text, one of many phrasings, at most MAX_WORDS words; deterministic given rng."""
+    for attempt in range(10):
+        words = _phrase(claims, rng, plain=attempt == 9)
+        if sum(w.isalpha() for w in words) <= MAX_WORDS:
+            break
+    return re.sub(r' ([,.:])', r'\1', ' '.join(words))
+
+def caption(scene, rng):
+    """A random caption that is true of the scene."""
+    return verbalize(scene_claims(scene, rng), rng)
+
+def tokenize(text):
+    """Lower-cased words and punctuation marks: 'Two red circles.' -> ['two', 'red', 'circles', '.']"""
+    return re.findall(r"[a-z]+|[^\sa-z]", text.lower())
+
+# the grammar as regular expressions over normalised text; NP = noun phrase, capturing (colour, shape)
+_NUM, _COL, _SHP = ('|'.join(ws) for ws in ([w for ws in NUMBER_WORDS.values() for w in ws], COLORS, SHAPES))
+_REL = '|'.join(p for ps in REL_PHRASES.values() for p in ps)
+_PRE = '|'.join(p for p in PREFIXES + ('there is',) if p)
+_NP, _THE_NP = rf"(?:{_NUM}) ({_COL}) ({_SHP})s?", rf"the ({_COL}) ({_SHP})"
+_ITEM = rf"{_NP}(?: (?:{_REL}) {_NP})?"  # "a red circle" or "a red circle above a blue square"
+_TAIL = rf", with {_THE_NP} (?:{_REL}) {_THE_NP}|\. {_THE_NP} is (?:{_REL}) {_THE_NP}"
+_GRAMMAR = re.compile(  # [prefix] [total:] item (sep item)* [tail] [.]
+    rf"(?:(?:{_PRE}) )?(?:(?:{_NUM}) (?:{'|'.join(TOTAL_NOUNS)}): )?"
+    rf"{_ITEM}(?:(?:, |, and | and ){_ITEM})*(?:{_TAIL})?\.?")
+
+def parse_caption(text):
+    """Caption text -> claims (format in the module docstring). Raises ValueError off-grammar."""
+    s = re.sub(r' ([,.:])', r'\1', ' '.join(tokenize(text)))  # normalised spacing
+    if not _GRAMMAR.fullmatch(s):
+        raise ValueError(f'not a caption of the toy grammar: {text!r}')
+    numbers = {w: n for n, ws in NUMBER_WORDS.items() for w in ws}
+    counts = {}
+    for num, color, shape, plural in re.findall(rf"\b({_NUM}) ({_COL}) ({_SHP})(s?)\b", s):
+        if (numbers[num] == 1) != (plural == '') or (color, shape) in counts:
+            raise ValueError(f'bad number agreement or a group mentioned twice: {text!r}')
+        counts[color, shape] = numbers[num]
+    total = re.search(rf"\b({_NUM}) (?:{'|'.join(TOTAL_NOUNS)}):", s)
+    claims = [('count', c, sh, counts[c, sh]) for c in COLORS for sh in SHAPES if (c, sh) in counts]
+    claims.append(('total', numbers[total[1]] if total else sum(counts.values())))
+    rel_names = {p: r for r, ps in REL_PHRASES.items() for p in ps}
+    rels = re.findall(rf"(?:{_NUM}|the) ({_COL}) ({_SHP})s? (?:is )?({_REL}) "
+                      rf"(?:{_NUM}|the) ({_COL}) ({_SHP})s?\b", s)
+    for ca, sa, rel, cb, sb in rels:
+        if len(rels) > 1 or counts.get((ca, sa)) != 1 or counts.get((cb, sb)) != 1 or (ca, sa) == (cb, sb):
+            raise ValueError(f'a relation needs two distinct single objects, and at most one: {text!r}')
+        claims.append(('rel', (ca, sa), rel_names[rel], (cb, sb)))
+    return claims
+
+# -----------------------------------------------------------------------------
+# detection and scoring (pixel operations only, no learned model)
+_PALETTE = np.array(list(COLORS.values()), dtype=np.float64)  # (K, 3)
+
+def unmix(image):
+    """Model each pixel p as a mix of the background and palette colour c (anti-aliased and blurred
+    edges are such mixes): bg - p = alpha * (bg - c) + residual. Returns alpha (H, W, K) and
+    tan (H, W, K) = |residual| / |alpha * (bg - c)|, the tangent of the angle between the pixel's
+    and the colour's direction (inf when alpha <= 0). bg is estimated, so a global shift cancels."""
+    img = image.astype(np.float64)
+    bg = np.clip(np.median(img.reshape(-1, 3), axis=0), 200, 255)  # (3,) most pixels are background
+    d = bg - img                                                    # (H, W, 3) darkening
+    dirs = np.array(BACKGROUND, np.float64) - _PALETTE              # (K, 3)
+    alpha = d @ (dirs / (dirs ** 2).sum(1, keepdims=True)).T        # (H, W, K) least-squares fit
+    off = np.linalg.norm(d[..., None, :] - alpha[..., None] * dirs, axis=-1)  # (H, W, K)
+    along = alpha * np.linalg.norm(dirs, axis=1)                    # (H, W, K)
+    return alpha, np.where(along > 0, off / np.maximum(along, 1e-9), np.inf)
+
+def classify_pixels(alpha, tan):
+    """unmix() output -> (H, W) int: index into COLORS of each object pixel (the colour at the
+    smallest angle, at least half-way from the background), -1 for background."""
+    k = tan.argmin(-1)                                              # (H, W)
+    a, t = (np.take_along_axis(v, k[..., None], -1)[..., 0] for v in (alpha, tan))
+    return np.where((a >= MIN_ALPHA) & (t <= MAX_OFF_AXIS), k, -1)
+
+def connected_components(labels):
+    """8-connected components of equal labels >= 0: (H, W) int, each pixel gets the flat index
+    of the first pixel of its component, -1 for background. Min-label propagation + pointer jumping."""
+    H, W = labels.shape
+    big = H * W
+    comp = np.where(labels >= 0, np.arange(big).reshape(H, W), big)
+    lab = np.pad(labels, 1, constant_values=-2)
+    while True:
+        cp, new = np.pad(comp, 1, constant_values=big), comp.copy()
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                same = (lab[1 + dy:1 + dy + H, 1 + dx:1 + dx + W] == labels) & (labels >= 0)
+                new = np.where(same, np.minimum(new, cp[1 + dy:1 + dy + H, 1 + dx:1 + dx + W]), new)
+        flat = new.reshape(-1)  # pointer jumping: a pixel's label is a pixel of the same component
+        fg = flat < big
+        for _ in range(3):
+            flat[fg] = flat[flat[fg]]
+        if (new == comp).all():
+            return np.where(comp < big, comp, -1)
+        comp = new
+
+def _dilate(mask):
+    """3x3 binary dilation: (H, W) bool -> (H, W) bool."""
+    p, (H, W) = np.pad(mask, 1), mask.shape
+    return np.any([p[1 + dy:1 + dy + H, 1 + dx:1 + dx + W] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+
+def detect(image):
+    """Objects in an image: list of {'shape', 'color', 'x', 'y', 'r', 'area'}, sorted by x.
+    Pixels -> colour labels -> connected components; then, on each component's soft alpha map
+    (which keeps area and centroid exact under anti-aliasing and blur), the shape is the template
+    (sharp or 3x3-blurred) closest in squared error, placed at the alpha centroid with the
+    radius the alpha area implies."""
+    alpha, tan = unmix(image)                  # (H, W, K) each
+    labels = classify_pixels(alpha, tan)       # (H, W)
+    comp = connected_components(labels)
+    H, W = labels.shape
+    ids, areas = np.unique(comp[comp >= 0], return_counts=True)
+    objects = []
+    for cid, area in zip(ids, areas):
+        if area < MIN_AREA * H * W / IMAGE_SIZE ** 2:
+            continue
+        mask = comp == cid
+        k = labels[mask][0]
+        ys, xs = np.nonzero(_dilate(mask))  # the component plus its faint edge pixels
+        pad = max(np.ptp(xs), np.ptp(ys)) // 2 + 3  # window with room for every candidate template
+        x0, y0 = xs.min() - pad, ys.min() - pad
+        a = np.zeros((np.ptp(ys) + 1 + 2 * pad, np.ptp(xs) + 1 + 2 * pad))  # (h, w) alpha window
+        a[ys - y0, xs - x0] = alpha[ys, xs, k]
+        A = a.sum()  # soft area, px
+        x = x0 + (a.sum(0) * np.arange(a.shape[1])).sum() / A  # alpha-weighted centroid
+        y = y0 + (a.sum(1) * np.arange(a.shape[0])).sum() / A
+        errs = []
+        for shape in SHAPES:
+            cov = _coverage(shape, x, y, np.sqrt(A / AREA_FACTOR[shape]), x0, y0, a.shape[1], a.shape[0])
+            errs.append(min(((a - cov) ** 2).sum(), ((a - box_blur(cov[..., None])[..., 0]) ** 2).sum()))
+        shape = SHAPES[int(np.argmin(errs))]
+        objects.append(dict(shape=shape, color=list(COLORS)[k], x=float(x), y=float(y),
+                            r=float(np.sqrt(A / AREA_FACTOR[shape])), area=int(area)))
+    return sorted(objects, key=lambda o: (o['x'], o['y']))
+
+def check_claims(claims, objects):
+    """One bool per claim: is it true of these objects (scene dicts or detect() output)?"""
+    groups = Counter((o['color'], o['shape']) for o in objects)
+    ok = []
+    for claim in claims:
+        if claim[0] == 'count':
+            ok.append(groups[claim[1], claim[2]] == claim[3])
+        elif claim[0] == 'total':
+            ok.append(len(objects) == claim[1])
+        else:  # 'rel': both referents must be unique in the image
+            _, a, rel, b = claim
+            oa = [o for o in objects if (o['color'], o['shape']) == a]
+            ob = [o for o in objects if (o['color'], o['shape']) == b]
+            ok.append(len(oa) == 1 and len(ob) == 1 and relation_holds(oa[0], ob[0], rel))
+    return ok
+
+def score(image, caption):
+    """(fraction of the caption's claims the image satisfies, all of them satisfied?)"""
+    ok = check_claims(parse_caption(caption), detect(image))
+    return sum(ok) / len(ok), all(ok)
+
+# -----------------------------------------------------------------------------
+# data: prompt splits, pretraining pairs, augmentation
+
+def prompt_split(n_train, n_heldout, seed=0):
+    """(train_prompts, heldout_prompts): unique caption strings of random scenes, deterministic in
+    seed. The splits are disjoint as meanings, not only as strings: all phrasings of one claims
+    list go to the same split, so held-out prompts describe scenes never prompted in RL."""
+    rng = np.random.default_rng(seed)
+    p_heldout = n_heldout / max(1, n_train + n_heldout)
+    split_of, seen, out, need = {}, set(), ([], []), (n_train, n_heldout)
+    for _ in range(1000 * (n_train + n_heldout + 1)):
+        if len(out[0]) == n_train and len(out[1]) == n_heldout:
+            return out
+        claims = scene_claims(random_scene(rng), rng)
+        text = verbalize(claims, rng)
+        s = split_of.setdefault(tuple(claims), int(rng.random() < p_heldout))
+        if text not in seen and len(out[s]) < need[s]:
+            seen.add(text)
+            out[s].append(text)
+    raise RuntimeError(f'could not find {n_train} + {n_heldout} distinct prompts')
+
+def caption_scene_pairs(n, seed=0, exclude=()):
+    """n (image uint8 (H, W, 3), caption) pairs of random scenes; captions in `exclude` are skipped."""
+    rng, exclude, pairs = np.random.default_rng(seed), set(exclude), []
+    while len(pairs) < n:
+        scene = random_scene(rng)
+        text = caption(scene, rng)
+        if text not in exclude:
+            pairs.append((render(scene), text))
+    return pairs
+
+def box_blur(image, k=3):
+    """k x k box blur with edge padding: (H, W, C) -> (H, W, C) float."""
+    H, W = image.shape[:2]
+    p = np.pad(image.astype(np.float64), ((k // 2, k // 2), (k // 2, k // 2), (0, 0)), mode='edge')
+    return sum(p[i:i + H, j:j + W] for i in range(k) for j in range(k)) / k ** 2
+
+def augment(image, rng):
+    """Artefacts of a generated image, for training a robust captioner: +-2 px jitter, 3x3 blur
+    (half the time), a global colour shift of +-20 per channel, gaussian noise of std <= 15."""
+    H, W = image.shape[:2]
+    dx, dy = rng.integers(-2, 3, size=2)
+    img = np.pad(image.astype(np.float64), ((2, 2), (2, 2), (0, 0)), mode='edge')  # (H + 4, W + 4, 3)
+    img = img[2 + dy:2 + dy + H, 2 + dx:2 + dx + W]
+    if rng.random() < 0.5:
+        img = box_blur(img)
+    img = img + rng.uniform(-20, 20, size=3) + rng.normal(0, rng.uniform(0, 15), size=img.shape)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
