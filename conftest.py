@@ -105,3 +105,85 @@ def t2i_dir(tmp_path_factory):
             cache[family] = str(d)
         return cache[family]
     return get
+
+
+# -----------------------------------------------------------------------------
+# tiny VLMs (Qwen3-VL, Qwen2.5-VL) with an image-only processor
+
+VL_SPECIAL = SPECIAL + ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def vl_template(system=None, think=False):
+    """A Qwen-VL style chat template: content is a string or a list of {'type': 'image'|'text'}.
+    system: a default system prompt (Qwen2.5-VL adds one); think: put an empty think block before
+    the assistant's content (as Qwen3 thinking templates do)."""
+    sys_part = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\n" + system + "<|im_end|>\\n' }}"
+                "{%- endif %}") if system else ""
+    think_part = "{%- if message['role'] == 'assistant' %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}" if think else ""
+    return (sys_part +
+            "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}" + think_part +
+            "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+            "{%- for c in message['content'] %}{%- if c['type'] == 'image' %}"
+            "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}{%- elif c['type'] == 'text' %}{{- c['text'] }}"
+            "{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def vlm_components(family='qwen3', template=None, extra_corpus=(), vocab_size=400, hidden=32, layers=2, seed=0):
+    """(model, processor) of a tiny random Qwen3-VL or Qwen2.5-VL."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tok = bpe_tokenizer(VL_SPECIAL, template or vl_template(system=None if family == 'qwen3' else
+                                                            'You are a helpful assistant.'), extra_corpus, vocab_size)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in VL_SPECIAL}
+    torch.manual_seed(seed)
+    if family == 'qwen3':
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+        cfg = Qwen3VLConfig(
+            text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                             max_position_embeddings=4096, pad_token_id=0, bos_token_id=None,
+                             eos_token_id=ids['<|im_end|>'], rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0,
+                                              'mrope_section': [2, 3, 3], 'mrope_interleaved': True}),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                               patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                               deepstack_visual_indexes=[1]),
+            image_token_id=ids['<|image_pad|>'], video_token_id=ids['<|video_pad|>'], bos_token_id=None,
+            eos_token_id=ids['<|im_end|>'], vision_start_token_id=ids['<|vision_start|>'],
+            vision_end_token_id=ids['<|vision_end|>'])
+        model, proc_cls, patch, mean = Qwen3VLForConditionalGeneration(cfg), Qwen3VLProcessor, 16, [0.5] * 3
+    else:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+        cfg = Qwen2_5_VLConfig(
+            text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                             max_position_embeddings=4096, pad_token_id=0, bos_token_id=None,
+                             eos_token_id=ids['<|im_end|>'], rope_scaling={'mrope_section': [2, 3, 3], 'rope_type': 'default', 'type': 'default'}),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                               fullatt_block_indexes=[1]),
+            image_token_id=ids['<|image_pad|>'], video_token_id=ids['<|video_pad|>'], bos_token_id=None,
+            eos_token_id=ids['<|im_end|>'], vision_start_token_id=ids['<|vision_start|>'],
+            vision_end_token_id=ids['<|vision_end|>'])
+        model, proc_cls, patch, mean = Qwen2_5_VLForConditionalGeneration(cfg), Qwen2_5_VLProcessor, 14, None
+    ip = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                  size={'shortest_edge': 32 * 32, 'longest_edge': 256 * 256},
+                                  **({'image_mean': mean, 'image_std': mean} if mean else {}))
+    import reward
+    proc = reward.image_only_processor(proc_cls, ip, tok, tok.chat_template)
+    return model.eval(), proc
+
+
+@pytest.fixture(scope='session')
+def vlm_dir(tmp_path_factory):
+    """family -> path of a saved tiny VLM (model + processor files), built once per session."""
+    cache = {}
+
+    def get(family='qwen3'):
+        if family not in cache:
+            d = str(tmp_path_factory.mktemp('vlm_' + family))
+            model, proc = vlm_components(family)
+            model.save_pretrained(d)
+            proc.save_pretrained(d)
+            cache[family] = d
+        return cache[family]
+    return get

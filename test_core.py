@@ -1,4 +1,5 @@
 """Fast tests: python -m pytest -q  (CPU, tiny random models built in conftest.py)."""
+import json
 import math
 
 import numpy as np
@@ -195,3 +196,166 @@ def test_sampler_bad_input(t2i_dir, tmp_path):
         sample.load_model(str(bad))
     with pytest.raises(FileNotFoundError, match='not a diffusers model directory'):
         sample.load_model(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# reward.py: the PromptEcho reward
+
+import warnings
+
+from PIL import Image
+
+import reward
+from conftest import vl_template, vlm_components
+
+
+def _img(seed, h=64, w=48):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _reference_reward(model, proc, image, query, label):
+    """Independent: full chat (with end-of-turn), full-sequence logits, label positions from character offsets."""
+    msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': query}]},
+            {'role': 'assistant', 'content': [{'type': 'text', 'text': label}]}]
+    full = proc.apply_chat_template(msgs, tokenize=False)
+    enc = proc(text=[full], images=[image], return_tensors='pt',
+               images_kwargs={'size': {'shortest_edge': 28 * 28, 'longest_edge': reward.MAX_PIXELS}})
+    n_img = int(enc['image_grid_thw'][0].prod()) // proc.image_processor.merge_size ** 2
+    expanded = full.replace('<|image_pad|>', '<|image_pad|>' * n_img)
+    t = proc.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=False)
+    assert t['input_ids'] == enc['input_ids'][0].tolist()
+    start = expanded.rindex(label)                                 # the label's characters in the assistant turn
+    pos = [i for i, (a, b) in enumerate(t['offset_mapping']) if a >= start and b <= start + len(label) and b > a]
+    with torch.no_grad():
+        logits = model(**enc).logits[0].float()                   # [T, vocab] the plain way
+    ids = enc['input_ids'][0]
+    lp = torch.stack([logits[p - 1].log_softmax(-1)[ids[p]] for p in pos])
+    return lp.mean().item(), [proc.tokenizer.decode([int(ids[p])]) for p in pos]
+
+
+@pytest.mark.parametrize('family', ['qwen3', 'qwen2.5'])
+def test_reward_equals_independent_computation(family, vlm_dir):
+    model, proc = reward.load_vlm(vlm_dir(family))
+    assert type(proc).__name__ in ('Qwen3VLProcessor', 'Qwen2_5_VLProcessor')  # not just a tokenizer
+    enc = proc(text=['<|image_pad|>'], images=[_img(0)], return_tensors='pt')
+    n_pad = (enc['input_ids'] == model.config.image_token_id).sum().item()
+    assert n_pad == enc['image_grid_thw'][0].prod().item() // 4 and n_pad > 1  # image tokens really expanded
+    labels = ['a red dog', 'a photo of a blue cat and a green monkey, hello world']
+    ims = [_img(1), _img(2, 40, 72)]
+    r, toks = reward.promptecho_reward(model, proc, ims, labels, return_tokens=True)
+    for i in range(2):
+        want, want_toks = _reference_reward(model, proc, ims[i], reward.QUERY, labels[i])
+        assert abs(r[i].item() - want) < 1e-5
+        assert [s for s, _ in toks[i]] == want_toks                 # exactly the label's tokens are scored
+        assert ''.join(s for s, _ in toks[i]) == labels[i]          # ... and no end-of-turn token
+    assert r.dtype == torch.float32 and r.shape == (2,)
+
+
+def test_reward_mask_independent_of_context_and_batching(vlm_dir):
+    model, proc = reward.load_vlm(vlm_dir('qwen3'))
+    labels = ['a red dog', 'green monkey dance in a photo of a cat', 'hello']
+    ims = [_img(3, 64, 64), _img(4, 32, 96), _img(5, 80, 40).convert('L')]   # a non-RGB image is converted
+    r1, t1 = reward.promptecho_reward(model, proc, ims, labels, return_tokens=True)
+    r2, t2 = reward.promptecho_reward(model, proc, ims, labels, query='What is shown here?', return_tokens=True)
+    assert [[s for s, _ in t] for t in t1] == [[s for s, _ in t] for t in t2]  # same scored tokens
+    assert not torch.allclose(r1, r2)                                          # different context
+    n_tok = [len(proc.tokenizer(l, add_special_tokens=False)['input_ids']) for l in labels]
+    assert [len(t) for t in t1] == n_tok
+    one = torch.cat([reward.promptecho_reward(model, proc, [im], [l]) for im, l in zip(ims, labels)])
+    assert torch.allclose(r1, one, atol=1e-5)                                  # batched == one by one
+    chunked = reward.promptecho_reward(model, proc, ims, labels, max_batch=2)
+    assert torch.allclose(r1, chunked, atol=1e-5)
+    rgb = reward.promptecho_reward(model, proc, [ims[2].convert('RGB')], [labels[2]])
+    assert abs(rgb.item() - r1[2].item()) < 1e-6
+    tensor_imgs = torch.stack([torch.from_numpy(np.array(_img(6, 32, 32))).permute(2, 0, 1).float() / 255] * 2)
+    rt = reward.promptecho_reward(model, proc, tensor_imgs, ['a red dog', 'a red dog'])
+    rp = reward.promptecho_reward(model, proc, [_img(6, 32, 32)], ['a red dog'])
+    assert torch.allclose(rt, rp.expand(2), atol=1e-5)                         # [B,3,H,W] in [0,1] accepted
+
+
+def test_reward_think_template_and_system_prompt(tmp_path):
+    # a template that inserts an empty think block before the assistant content (Qwen3 thinking style)
+    model, proc = vlm_components('qwen3', template=vl_template(think=True))
+    r, toks = reward.promptecho_reward(model, proc, [_img(7)], ['a blue cat'], return_tokens=True)
+    want, want_toks = _reference_reward(model, proc, _img(7), reward.QUERY, 'a blue cat')
+    assert abs(r.item() - want) < 1e-5 and [s for s, _ in toks[0]] == want_toks
+    ctx = reward.chat_context(proc, reward.QUERY, 'a blue cat')
+    assert ctx.endswith('<think>\n\n</think>\n\n')                           # the block is context, not label
+    # a system prompt changes the context, never the scored tokens
+    model2, proc2 = vlm_components('qwen3', template=vl_template(system='You are a careful judge.'))
+    _, toks2 = reward.promptecho_reward(model2, proc2, [_img(7)], ['a blue cat'], return_tokens=True)
+    assert [s for s, _ in toks2[0]] == want_toks
+    assert reward.chat_context(proc2, reward.QUERY, 'x').startswith('<|im_start|>system\nYou are a careful judge.')
+    # a template that rewrites the content cannot be scored: a clear error, not a silent wrong mask
+    proc.chat_template = proc.chat_template.replace("{{- c['text'] }}", "{{- c['text'] | upper }}")
+    with pytest.raises(ValueError, match='verbatim'):
+        reward.promptecho_reward(model, proc, [_img(7)], ['a blue cat'])
+
+
+def test_reward_bad_input(vlm_dir, tmp_path):
+    model, proc = reward.load_vlm(vlm_dir('qwen3'))
+    with pytest.raises(ValueError, match='2 images but 1 labels'):
+        reward.promptecho_reward(model, proc, [_img(0), _img(1)], ['a dog'])
+    with pytest.raises(ValueError, match='empty label'):
+        reward.promptecho_reward(model, proc, [_img(0)], ['  '])
+    with pytest.raises(FileNotFoundError, match='not a transformers model directory'):
+        reward.load_vlm(str(tmp_path))
+    # a label longer than the context: decided = truncate with a warning, score the tokens that fit
+    cfg = model.config.get_text_config()
+    old, cfg.max_position_embeddings = cfg.max_position_embeddings, 60
+    try:
+        with pytest.warns(UserWarning, match='exceeds'):
+            r, toks = reward.promptecho_reward(model, proc, [_img(0, 32, 32)], ['hello world ' * 40], return_tokens=True)
+        n_ctx = len(proc(text=[reward.chat_context(proc, reward.QUERY, 'hello world ' * 40)], images=[_img(0, 32, 32)])['input_ids'][0])
+        assert len(toks[0]) == 60 - n_ctx and torch.isfinite(r).all()
+    finally:
+        cfg.max_position_embeddings = old
+
+
+def test_reward_means_something():
+    """Teach a tiny VLM two captions for two kinds of image; the matching caption must then win."""
+    model, proc = vlm_components('qwen3', seed=1)
+    rng = np.random.default_rng(0)
+
+    def scene(color):                                              # noisy solid-colour images
+        base = np.array(color, np.float32)
+        return Image.fromarray(np.clip(base + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8))
+    caps = {'red': 'a red dog', 'blue': 'a blue cat'}
+    cols = {'red': (220, 30, 30), 'blue': (30, 30, 220)}
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(80):                                         # teacher forcing on the label tokens only
+        kinds = ['red', 'blue'] * 2
+        texts = [reward.chat_context(proc, reward.QUERY, caps[k]) + caps[k] for k in kinds]
+        enc = proc(text=texts, images=[scene(cols[k]) for k in kinds], return_tensors='pt', padding=True)
+        labels = enc['input_ids'].clone()
+        for i, k in enumerate(kinds):
+            n = len(proc.tokenizer(caps[k], add_special_tokens=False)['input_ids'])
+            L = int(enc['attention_mask'][i].sum())
+            labels[i, :L - n] = -100
+            labels[i, L:] = -100
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad(); loss.backward(); opt.step()
+    model.eval()
+    ims = [scene(cols['red']), scene(cols['blue'])]
+    right = reward.promptecho_reward(model, proc, ims, [caps['red'], caps['blue']])
+    wrong = reward.promptecho_reward(model, proc, ims, [caps['blue'], caps['red']])
+    assert (right > wrong + 0.3).all(), (right, wrong)
+
+
+def test_ocr_label_and_infer_score(vlm_dir):
+    lab = reward.ocr_label({'subtitle': ['Fresh daily'], 'main_title': ['BAKERY']})
+    assert list(json.loads(lab)) == list(reward.OCR_KEYS)        # canonical key order
+    assert json.loads(lab)['main_title'] == ['BAKERY'] and json.loads(lab)['other_text'] == []
+    assert reward.ocr_label({'main_title': ['BAKERY'], 'subtitle': ['Fresh daily']}) == lab
+    with pytest.raises(ValueError, match='unknown OCR keys'):
+        reward.ocr_label({'title': ['x']})
+    assert reward.parse_score('Score: 7/10, good') == 7.0
+    assert reward.parse_score('I would say 10.') == 10.0
+    assert reward.parse_score('8') == 8.0
+    assert math.isnan(reward.parse_score('no idea')) and math.isnan(reward.parse_score('3.5 stars'))
+    model, proc = reward.load_vlm(vlm_dir('qwen3'))
+    s, answers = reward.infer_score(model, proc, [_img(0), _img(1)], ['a dog', 'a cat'], max_new_tokens=4)
+    assert len(answers) == 2
+    for v, a in zip(s.tolist(), answers):                          # a random VLM mostly babbles: NaN, never 0
+        assert (math.isnan(v) and math.isnan(reward.parse_score(a))) or v == reward.parse_score(a)

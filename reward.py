@@ -1,0 +1,288 @@
+"""
+The PromptEcho reward (arXiv 2604.12652): how well a frozen VLM "echoes" the prompt.
+
+Feed a frozen vision-language model one chat,
+    user:      [image x] + q        q = "Describe this image in detail."
+    assistant: p                    the prompt that generated x is the label
+and score only the tokens of p:
+    r(x, p) = -(1/N) sum_i log P_vlm(p_i | x, q, p_<i)
+Deterministic, one forward pass, no annotation, no reward model to train.
+
+    python reward.py --vlm DIR --image x.png --prompt "a red cube on a blue table"
+prints the reward and the label tokens the VLM found least likely given the image.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+QUERY = "Describe this image in detail."                     # the paper's guiding query q
+# Text-rendering variant: the label is the poster's designed text as canonical JSON (see ocr_label).
+OCR_QUERY = ("Read every piece of designed text on this poster and return it as JSON with the keys "
+             "main_title, subtitle, selling_points and other_text, each holding a list of strings.")
+OCR_KEYS = ('main_title', 'subtitle', 'selling_points', 'other_text')
+INFER_QUERY = ("Here is a text-to-image prompt: \"{prompt}\"\nHow consistent is this image with the prompt? "
+               "Answer with one integer from 0 (unrelated) to 10 (every detail matches).")
+MAX_BATCH = 8             # images per VLM forward
+# The VLM's image resolution cap. At 1024x1024 Qwen3-VL (16 px patches, 2x2 merge) makes 4096 patches
+# -> 1024 image tokens in the LLM; Qwen2.5-VL (14 px, 2x2 merge) resizes to 1036^2 -> 1369 tokens.
+# 512*512 costs about 4x less in both the vision tower and the LLM.
+MAX_PIXELS = 1024 * 1024
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def load_vlm(path, device='cpu', dtype=torch.float32, trust_remote_code=False):
+    """A frozen HF image-text-to-text chat model and its processor from a directory (or hub id)."""
+    from transformers import AutoModelForImageTextToText
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, 'config.json')):
+            raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json); "
+                                    "pass the folder that holds config.json and the *.safetensors weights")
+    elif os.path.sep in path or path.startswith('.'):
+        raise FileNotFoundError(f"VLM directory {path} does not exist")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.to(device).eval().requires_grad_(False)
+    return model, load_processor(path, trust_remote_code)
+
+
+def load_processor(path, trust_remote_code=False):
+    """AutoProcessor, or an image-only processor when the video half cannot load.
+
+    Qwen-VL processors bundle a video processor that needs torchvision. Without it,
+    AutoProcessor either raises or silently returns only the tokenizer. Images need no
+    torchvision: build the processor from the tokenizer and the PIL image processor.
+    """
+    from transformers import AutoProcessor, AutoTokenizer, ProcessorMixin
+    try:
+        proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if isinstance(proc, ProcessorMixin) and getattr(proc, 'image_processor', None) is not None:
+            return proc
+    except (ImportError, OSError, ValueError, TypeError):
+        pass
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    with open(os.path.join(path, 'config.json')) as f:
+        model_type = json.load(f)['model_type']
+    cls_name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    if cls_name is None:
+        raise ValueError(f"no processor known for model_type {model_type!r}; install torchvision or pass a model "
+                         "whose processor loads with AutoProcessor")
+    ip_cfg = {}
+    for name in ('preprocessor_config.json', 'processor_config.json'):      # hub files / transformers-5 saves
+        if os.path.isfile(os.path.join(path, name)):
+            cfg = json.load(open(os.path.join(path, name)))
+            ip_cfg = cfg.get('image_processor', cfg)
+            break
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    keep = ('size', 'min_pixels', 'max_pixels', 'patch_size', 'temporal_patch_size', 'merge_size', 'image_mean', 'image_std',
+            'do_resize', 'do_rescale', 'rescale_factor', 'do_normalize', 'do_convert_rgb')
+    image_processor = Qwen2VLImageProcessorPil(**{k: v for k, v in ip_cfg.items() if k in keep})
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    chat_template = getattr(tokenizer, 'chat_template', None)
+    tmpl = os.path.join(path, 'chat_template.jinja')
+    if os.path.isfile(tmpl):
+        chat_template = open(tmpl).read()
+    return image_only_processor(getattr(transformers, cls_name), image_processor, tokenizer, chat_template)
+
+
+def image_only_processor(cls, image_processor, tokenizer, chat_template):
+    """An instance of processor class `cls` that holds only an image processor and a tokenizer.
+
+    ProcessorMixin type-checks every part it declares, and the video part's base class cannot
+    even be looked up without torchvision; this subclass declares just the two parts it has."""
+    sub = type(cls.__name__, (cls,), {'get_attributes': classmethod(lambda c: ['image_processor', 'tokenizer'])})
+    return sub(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=chat_template)
+
+
+# -----------------------------------------------------------------------------
+# inputs
+
+def to_pil(images):
+    """PIL list, or a float tensor [B, 3, H, W] in [0, 1] (what sample.py makes) -> list of RGB PIL images."""
+    if isinstance(images, torch.Tensor):
+        arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]                      # [B, H, W, 3] uint8
+    return [im if im.mode == 'RGB' else im.convert('RGB') for im in images]
+
+
+def chat_context(processor, query, label):
+    """The chat text that precedes the label in the assistant turn.
+
+    How the span is found: render the conversation with the assistant turn, render it again
+    with only the user turn plus the generation prompt, and look for the label right after
+    that header. Everything before the label is context (system text, image placeholder, query,
+    template tokens, and e.g. the empty <think></think> block that Qwen3 thinking templates
+    insert); everything after it (end-of-turn) is dropped. The label itself is tokenized on its
+    own, which is exact because every Qwen assistant header ends in a newline, a pre-tokenizer
+    boundary: no BPE merge crosses it. A test checks this against tokenizing the full chat.
+    """
+    msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': query}]},
+            {'role': 'assistant', 'content': [{'type': 'text', 'text': label}]}]
+    full = processor.apply_chat_template(msgs, tokenize=False)
+    head = processor.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    at = full.find(label, len(head)) if full.startswith(head) else -1
+    if at < 0:
+        raise ValueError("the chat template does not place the label verbatim after the assistant header; "
+                         "the reward cannot tell which tokens are the label. Use a template that renders "
+                         "assistant content as is.")
+    return full[:at]
+
+
+def _as_list(x, n, name):
+    if isinstance(x, str):
+        return [x] * n
+    if len(x) != n:
+        raise ValueError(f"got {n} images but {len(x)} {name}; pass one {name[:-1]} per image")
+    return list(x)
+
+
+# -----------------------------------------------------------------------------
+# the reward
+
+@torch.no_grad()
+def promptecho_reward(model, processor, images, labels, query=QUERY, return_tokens=False,
+                      max_batch=MAX_BATCH, max_pixels=MAX_PIXELS):
+    """-mean token cross-entropy of each label given its image and query -> float32 Tensor [B].
+
+    images: PIL list or [B, 3, H, W] in [0, 1]; labels: list of str; query: str or one per image.
+    return_tokens=True also returns, per image, a list of (token string, log-prob).
+    """
+    images = to_pil(images)
+    labels = _as_list(labels, len(images), 'labels')
+    queries = _as_list(query, len(images), 'queries')
+    if any(not isinstance(l, str) or not l.strip() for l in labels):
+        raise ValueError("empty label: every image needs a non-empty prompt/label to score")
+    rewards, tokens = [], []
+    for i in range(0, len(images), max_batch):
+        r, t = _reward_chunk(model, processor, images[i:i + max_batch], labels[i:i + max_batch],
+                             queries[i:i + max_batch], max_pixels)
+        rewards.append(r)
+        tokens += t
+    rewards = torch.cat(rewards)
+    return (rewards, tokens) if return_tokens else rewards
+
+
+def _reward_chunk(model, processor, images, labels, queries, max_pixels):
+    tok = processor.tokenizer
+    dev = model.device
+    contexts = [chat_context(processor, q, l) for q, l in zip(queries, labels)]
+    enc = processor(text=contexts, images=images, return_tensors='pt', padding=True, padding_side='right',
+                    images_kwargs={'size': {'shortest_edge': 28 * 28, 'longest_edge': max_pixels}})
+    n_ctx = enc['attention_mask'].sum(1).tolist()                    # real context length of each row
+    label_ids = [tok(l, add_special_tokens=False)['input_ids'] for l in labels]
+    limit = model.config.get_text_config().max_position_embeddings
+    for j, (n, ids) in enumerate(zip(n_ctx, label_ids)):
+        if n + len(ids) > limit:                                     # decision: truncate, warn, keep training
+            warnings.warn(f"label {j} has {len(ids)} tokens; with {n} context tokens it exceeds the VLM's "
+                          f"{limit}-token context, scoring its first {limit - n} tokens only")
+            label_ids[j] = ids[:limit - n]
+    # right-padded rows: [context tokens (with the expanded image tokens)] + [label tokens] + [pad]
+    T = max(n + len(ids) for n, ids in zip(n_ctx, label_ids))
+    B = len(images)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.full((B, T), pad, dtype=torch.long)            # [B, T]
+    attn = torch.zeros(B, T, dtype=torch.long)
+    mm_types = torch.zeros(B, T, dtype=torch.long)                   # 1 marks image tokens (M-RoPE needs it)
+    rows, pos, targets = [], [], []
+    for j, (n, ids) in enumerate(zip(n_ctx, label_ids)):
+        input_ids[j, :n] = enc['input_ids'][j, :n]
+        input_ids[j, n:n + len(ids)] = torch.tensor(ids)
+        attn[j, :n + len(ids)] = 1
+        if 'mm_token_type_ids' in enc:
+            mm_types[j, :n] = enc['mm_token_type_ids'][j, :n]
+        # the logit at position t predicts token t+1: label token k (at n+k) is read at n+k-1
+        rows += [j] * len(ids)
+        pos += list(range(n - 1, n - 1 + len(ids)))
+        targets += ids
+    inputs = dict(input_ids=input_ids, attention_mask=attn, pixel_values=enc['pixel_values'],
+                  image_grid_thw=enc['image_grid_thw'], mm_token_type_ids=mm_types)
+    inputs = {k: v.to(dev) for k, v in inputs.items()}
+    inputs['pixel_values'] = inputs['pixel_values'].to(model.dtype)
+    hidden = model.model(**inputs).last_hidden_state                 # [B, T, H], no [B, T, vocab] logits
+    h = hidden[torch.tensor(rows, device=dev), torch.tensor(pos, device=dev)]  # [N, H] label positions only
+    logits = model.lm_head(h).float()                                # [N, vocab]
+    tgt = torch.tensor(targets, device=dev)
+    logp = logits.log_softmax(-1).gather(1, tgt[:, None])[:, 0]      # [N] log P(p_i | x, q, p_<i)
+    row_t = torch.tensor(rows, device=dev)
+    count = torch.bincount(row_t, minlength=B).float()               # N_j label tokens per row
+    rew = torch.zeros(B, device=dev).index_add_(0, row_t, logp) / count  # r = (1/N) sum log P = -CE
+    per_tok = []
+    logp_cpu = logp.cpu().tolist()
+    k = 0
+    for ids in label_ids:
+        per_tok.append([(tok.decode([t]), lp) for t, lp in zip(ids, logp_cpu[k:k + len(ids)])])
+        k += len(ids)
+    return rew.float().cpu(), per_tok
+
+
+# -----------------------------------------------------------------------------
+# text-rendering labels and the InferScore baseline
+
+def ocr_label(texts):
+    """Canonical JSON label for the text-rendering variant: fixed key order, lists of strings."""
+    extra = set(texts) - set(OCR_KEYS)
+    if extra:
+        raise ValueError(f"unknown OCR keys {sorted(extra)}; allowed: {OCR_KEYS}")
+    out = {k: [str(s) for s in texts.get(k, [])] for k in OCR_KEYS}
+    return json.dumps(out, ensure_ascii=False, separators=(', ', ': '))
+
+
+def parse_score(text):
+    """The first integer 0..10 in a generated answer, else NaN (counted by the caller, never 0)."""
+    m = re.search(r'(?<![\d.])(10|\d)(?:\s*/\s*10)?(?!\d|\.\d)', text)  # '3.5' is not a score
+    return float(m.group(1)) if m else float('nan')
+
+
+@torch.no_grad()
+def infer_score(model, processor, images, prompts, temperature=0.7, max_new_tokens=16, max_batch=MAX_BATCH,
+                max_pixels=MAX_PIXELS, generator_seed=0):
+    """InferScore (the paper's ablation baseline): the VLM generates a 0-10 rating, which is parsed.
+
+    Returns (scores float32 [B] with NaN for unparsable answers, the raw answers)."""
+    images = to_pil(images)
+    prompts = _as_list(prompts, len(images), 'prompts')
+    torch.manual_seed(generator_seed)
+    scores, answers = [], []
+    for i in range(0, len(images), max_batch):
+        ims, ps = images[i:i + max_batch], prompts[i:i + max_batch]
+        texts = [processor.apply_chat_template(
+            [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': INFER_QUERY.format(prompt=p)}]}],
+            tokenize=False, add_generation_prompt=True) for p in ps]
+        enc = processor(text=texts, images=ims, return_tensors='pt', padding=True, padding_side='left',
+                        images_kwargs={'size': {'shortest_edge': 28 * 28, 'longest_edge': max_pixels}})
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        out = model.generate(**enc, do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens)
+        for row in out[:, enc['input_ids'].shape[1]:]:
+            a = processor.tokenizer.decode(row, skip_special_tokens=True)
+            answers.append(a)
+            scores.append(parse_score(a))
+    return torch.tensor(scores, dtype=torch.float32), answers
+
+
+# -----------------------------------------------------------------------------
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser(description="Score an image with the PromptEcho reward and show the least likely tokens")
+    ap.add_argument('--vlm', required=True, help="transformers VLM directory")
+    ap.add_argument('--image', required=True)
+    ap.add_argument('--prompt', required=True, help="the prompt (label) to score")
+    ap.add_argument('--query', default=QUERY)
+    ap.add_argument('--top', type=int, default=10, help="how many least likely tokens to show")
+    ap.add_argument('--trust_remote_code', action='store_true')
+    a = ap.parse_args()
+    if not os.path.isfile(a.image):
+        raise SystemExit(f"image {a.image} not found")
+    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    m, p = load_vlm(a.vlm, dev, torch.bfloat16 if dev == 'cuda' else torch.float32, a.trust_remote_code)
+    r, toks = promptecho_reward(m, p, [Image.open(a.image)], [a.prompt], a.query, return_tokens=True)
+    print(f"reward {r[0].item():.4f}  (mean log-prob of {len(toks[0])} label tokens; 0 is perfect)")
+    print("least likely label tokens (what the VLM does not see in the image):")
+    for s, lp in sorted(toks[0], key=lambda t: t[1])[:a.top]:
+        print(f"  {lp:8.3f}  {s!r}")
