@@ -187,3 +187,8 @@ def vlm_dir(tmp_path_factory):
             cache[family] = d
         return cache[family]
     return get
+
+
+def nan_reward(images, rows):
+    """A broken reward plug-in for the NaN-skip test (train.py --reward_fn=conftest:nan_reward)."""
+    return torch.full((len(images),), float('nan'))

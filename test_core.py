@@ -359,3 +359,113 @@ def test_ocr_label_and_infer_score(vlm_dir):
     assert len(answers) == 2
     for v, a in zip(s.tolist(), answers):                          # a random VLM mostly babbles: NaN, never 0
         assert (math.isnan(v) and math.isnan(reward.parse_score(a))) or v == reward.parse_score(a)
+
+
+# -----------------------------------------------------------------------------
+# train.py: whole iterations through the real script, tiny models, CPU
+
+import os
+import subprocess
+import sys
+
+from safetensors.torch import load_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope='session')
+def tiny_run(t2i_dir, vlm_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp('prompts')
+    with open(d / 'p.jsonl', 'w') as f:
+        for t in ['a red dog', 'a blue cat', 'green monkey dance', 'hello world', 'a photo of a cat', 'bad quality']:
+            f.write(json.dumps({'prompt': t}) + '\n')
+    f.close()
+
+    def args(family='zimage', **kw):
+        base = dict(model=t2i_dir(family), vlm=vlm_dir('qwen3'), prompts=str(d / 'p.jsonl'), prompts_per_iter=2,
+                    images_per_prompt=4, rollout_steps=3, resolution=32, batch_size=4, micro_batch=2,
+                    train_timesteps=2, epochs_per_iter=2, lora_rank=4, lora_alpha=8, max_iters=2, save_every=1,
+                    sample_every=0, lr=1e-3, seed=3)
+        base.update(kw)
+        return [f'--{k}={v}' for k, v in base.items()]
+    return args
+
+
+def run_train(argv, nproc=1):
+    cmd = ([sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port=29533']
+           if nproc > 1 else [sys.executable]) + [os.path.join(HERE, 'train.py')] + argv
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def lora_of(run_dir):
+    return load_file(os.path.join(run_dir, 'ckpt', 'lora.safetensors'))
+
+
+@pytest.mark.parametrize('family', ['zimage', 'qwenimage'])
+def test_train_full_iteration(family, tiny_run, tmp_path):
+    out = str(tmp_path / 'run')
+    run_train(tiny_run(family, out_dir=out, sample_every=2))
+    rows = [json.loads(l) for l in open(os.path.join(out, 'log.jsonl'))]
+    assert [r['iter'] for r in rows] == [0, 1]
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ('reward_mean', 'loss', 'policy', 'grad_norm', 'mse'))
+        assert r['reward_min'] <= r['reward_mean'] <= r['reward_max'] < 0     # a mean log-prob
+    lora = lora_of(out)
+    assert any(k.endswith('lora_B.weight') and v.abs().max() > 0 for k, v in lora.items())  # B left zero-init
+    assert json.load(open(os.path.join(out, 'config.json')))['lora_rank'] == 4
+    for f in ('curves.png', 'samples/iter_00002.png'):
+        assert os.path.isfile(os.path.join(out, f))
+    m = sample.load_model(tiny_run(family)[0].split('=', 1)[1])      # the checkpoint is a diffusers-loadable LoRA
+    base, _ = sample.generate(m, ['a red dog'], [1], 3, 4.0, 32, 32)
+    sample.load_lora(m, os.path.join(out, 'ckpt', 'lora.safetensors'))
+    tuned, _ = sample.generate(m, ['a red dog'], [1], 3, 4.0, 32, 32)
+    assert (tuned - base).abs().max() > 1e-6
+
+
+def test_train_two_processes_equal_one(tiny_run, tmp_path):
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    run_train(tiny_run(out_dir=one, micro_batch=1))               # 1 rank: 4 micro-steps of 1 per step
+    run_train(tiny_run(out_dir=two, micro_batch=1), nproc=2)      # 2 ranks: 2 micro-steps each, grads averaged
+    a, b = lora_of(one), lora_of(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    r1 = [json.loads(l)['reward_mean'] for l in open(os.path.join(one, 'log.jsonl'))]
+    r2 = [json.loads(l)['reward_mean'] for l in open(os.path.join(two, 'log.jsonl'))]
+    assert np.allclose(r1, r2, atol=1e-6)                         # the same rollouts, drawn on other ranks
+
+
+def test_train_exact_resume(tiny_run, tmp_path):
+    full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+    run_train(tiny_run(out_dir=full, max_iters=4))
+    run_train(tiny_run(out_dir=part, max_iters=2))                # "killed" after iteration 2
+    run_train(tiny_run(out_dir=part, max_iters=4, resume=True))
+    a, b = lora_of(full), lora_of(part)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k                         # bit-identical at k + 2
+    assert [json.loads(l)['iter'] for l in open(os.path.join(part, 'log.jsonl'))] == [0, 1, 2, 3]
+
+
+def test_train_nan_reward_skips_update(tiny_run, tmp_path):
+    out = str(tmp_path / 'nan')
+    stdout = run_train(tiny_run(out_dir=out, reward_fn='conftest:nan_reward'))
+    assert 'update skipped on every rank' in stdout
+    rows = [json.loads(l) for l in open(os.path.join(out, 'log.jsonl'))]
+    assert [r['skipped'] for r in rows] == [1, 2]
+    lora = lora_of(out)
+    assert all(torch.isfinite(v).all() for v in lora.values())
+    assert all(v.abs().max() == 0 for k, v in lora.items() if 'lora_B' in k)  # never updated: B still zero
+
+
+def test_train_bad_config(tiny_run):
+    p = subprocess.run([sys.executable, 'train.py', '--lora_rnak=4'], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode != 0 and 'unknown config key --lora_rnak; did you mean --lora_rank?' in p.stderr
+    p = subprocess.run([sys.executable, 'train.py', '--lr=fast'], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode != 0 and 'expected float' in p.stderr
+    p = subprocess.run([sys.executable, 'train.py', 'config/nope.py'], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode != 0 and 'not found' in p.stderr
+    p = subprocess.run([sys.executable, 'train.py'] + tiny_run(batch_size=3), cwd=HERE, capture_output=True, text=True)
+    assert p.returncode != 0 and 'batch_size=3 must divide' in p.stderr

@@ -279,9 +279,10 @@ if resume:
         log_rows = [r for r in map(json.loads, open(log_path)) if r['iter'] < it0]
 if master:
     n_train = sum(p.numel() for p in params)
-    where = sorted({n.split('.lora_')[0].split('.')[-1] for n, p in m.transformer.named_parameters() if p.requires_grad})
+    where = sorted({'.'.join(x for x in n.split('.lora_')[0].split('.')[-2:] if not x.isdigit() or 'out' in n)
+                    for n, p in m.transformer.named_parameters() if p.requires_grad})
     print(json.dumps(config, indent=1))
-    print(f"{m.family} policy, {world} rank(s), {n_train / 1e6:.2f}M trainable parameters in {where}")
+    print(f"{m.family} policy, {world} rank(s), {n_train:,} trainable parameters in {len(where)} module kinds: {where}")
     write_json(config, os.path.join(out_dir, 'config.json'))
     with open(log_path, 'w') as f:                            # rewritten so a resumed log has no duplicates
         f.writelines(json.dumps(r) + '\n' for r in log_rows)
