@@ -8,39 +8,11 @@ import json
 import pytest
 import torch
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-# Qwen's pre-tokenizer split: a newline is its own piece, so nothing merges across the assistant header.
-QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-              r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-# a Qwen3-style template (single turns; enable_thinking=False adds the empty think block like Qwen3)
-QWEN3_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}")
+from toy import SPECIAL, bpe_tokenizer, vl_template
+
 CORPUS = ["Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships "
           "of the objects and background:", "system\n user\n assistant\n",
           "a photo of a cat dog red blue green dance monkey bad quality hello world circle square triangle"] * 20
-
-
-def bpe_tokenizer(special=SPECIAL, template=QWEN3_TEMPLATE, extra_corpus=(), vocab_size=400):
-    """A byte-level BPE trained in-process, wrapped as transformers' Qwen2Tokenizer."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    t = Tokenizer(models.BPE())
-    t.normalizer = normalizers.NFC()
-    t.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior='isolated', invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    t.train_from_iterator(list(CORPUS) + list(extra_corpus), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(special), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    m = json.loads(t.to_str())['model']
-    merges = [tuple(x) if isinstance(x, list) else tuple(x.split(' ')) for x in m['merges']]
-    return Qwen2Tokenizer(vocab=m['vocab'], merges=merges, additional_special_tokens=list(special[1:]),
-                          chat_template=template)
 
 
 def zimage_pipeline():
@@ -61,7 +33,7 @@ def zimage_pipeline():
     te = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
                                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)).eval()
     sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    return ZImagePipeline(transformer=tr, vae=vae, scheduler=sch, text_encoder=te, tokenizer=bpe_tokenizer())
+    return ZImagePipeline(transformer=tr, vae=vae, scheduler=sch, text_encoder=te, tokenizer=bpe_tokenizer(CORPUS))
 
 
 def qwenimage_pipeline():
@@ -87,7 +59,7 @@ def qwenimage_pipeline():
                            hidden_size=16, vocab_size=512, vision_end_token_id=151653, vision_start_token_id=151652,
                            vision_token_id=151654)
     te = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    return QwenImagePipeline(transformer=tr, vae=vae, scheduler=sch, text_encoder=te, tokenizer=bpe_tokenizer())
+    return QwenImagePipeline(transformer=tr, vae=vae, scheduler=sch, text_encoder=te, tokenizer=bpe_tokenizer(CORPUS))
 
 
 BUILDERS = {'zimage': zimage_pipeline, 'qwenimage': qwenimage_pipeline}
@@ -110,31 +82,12 @@ def t2i_dir(tmp_path_factory):
 # -----------------------------------------------------------------------------
 # tiny VLMs (Qwen3-VL, Qwen2.5-VL) with an image-only processor
 
-VL_SPECIAL = SPECIAL + ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
-
-def vl_template(system=None, think=False):
-    """A Qwen-VL style chat template: content is a string or a list of {'type': 'image'|'text'}.
-    system: a default system prompt (Qwen2.5-VL adds one); think: put an empty think block before
-    the assistant's content (as Qwen3 thinking templates do)."""
-    sys_part = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\n" + system + "<|im_end|>\\n' }}"
-                "{%- endif %}") if system else ""
-    think_part = "{%- if message['role'] == 'assistant' %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}" if think else ""
-    return (sys_part +
-            "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}" + think_part +
-            "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
-            "{%- for c in message['content'] %}{%- if c['type'] == 'image' %}"
-            "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}{%- elif c['type'] == 'text' %}{{- c['text'] }}"
-            "{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
-            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-
-
 def vlm_components(family='qwen3', template=None, extra_corpus=(), vocab_size=400, hidden=32, layers=2, seed=0):
     """(model, processor) of a tiny random Qwen3-VL or Qwen2.5-VL."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    tok = bpe_tokenizer(VL_SPECIAL, template or vl_template(system=None if family == 'qwen3' else
-                                                            'You are a helpful assistant.'), extra_corpus, vocab_size)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in VL_SPECIAL}
+    tok = bpe_tokenizer(CORPUS + list(extra_corpus), vocab_size, template or vl_template(
+        system=None if family == 'qwen3' else 'You are a helpful assistant.'))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     torch.manual_seed(seed)
     if family == 'qwen3':
         from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor

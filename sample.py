@@ -44,6 +44,9 @@ ZIMAGE_CFG_TRUNC = 1.0     # Z-Image: drop guidance once the model time 1 - sigm
 
 def load_model(path, device='cpu', dtype=torch.float32):
     """Components of a diffusers directory, loaded with from_pretrained(path, subfolder=...)."""
+    if not os.path.exists(path) and path.count('/') == 1 and not path.startswith('.'):
+        from huggingface_hub import snapshot_download     # a hub id, where the hub is reachable
+        path = snapshot_download(path)
     index = os.path.join(path, 'model_index.json')
     if not os.path.isfile(index):
         raise FileNotFoundError(f"{path} is not a diffusers model directory (no model_index.json)")

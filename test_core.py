@@ -469,3 +469,13 @@ def test_train_bad_config(tiny_run):
     assert p.returncode != 0 and 'not found' in p.stderr
     p = subprocess.run([sys.executable, 'train.py'] + tiny_run(batch_size=3), cwd=HERE, capture_output=True, text=True)
     assert p.returncode != 0 and 'batch_size=3 must divide' in p.stderr
+
+
+def test_readme_table_names_exist():
+    import importlib
+    import re
+    text = open(os.path.join(HERE, 'README.md')).read()
+    refs = set(re.findall(r'`(\w+)\.py:(\w+)`', text))
+    assert len(refs) >= 10
+    for mod, fn in refs:
+        assert hasattr(importlib.import_module(mod), fn), f"README names {mod}.py:{fn}, which does not exist"

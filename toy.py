@@ -362,3 +362,230 @@ def augment(image, rng):
         img = box_blur(img)
     img = img + rng.uniform(-20, 20, size=3) + rng.normal(0, rng.uniform(0, 15), size=img.shape)
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# the toy MODELS: a tiny Z-Image policy and a tiny Qwen3-VL captioner, in the real architectures,
+# pretrained here and saved as ordinary diffusers / transformers directories (python toy.py)
+
+TOY_DIR = 'out/toy'             # where prepare() writes models and prompt files
+N_TRAIN, N_HELDOUT = 2000, 200  # RL prompts / held-out prompts (disjoint meanings)
+N_PRETRAIN = 6000               # (render, caption) pairs for pretraining (held-out captions excluded)
+VAE_STEPS = 300                 # autoencoder steps (64x64 -> 16x16x4 latents)
+DIT_STEPS = 1000                # policy steps: a short schedule leaves counting / binding imperfect
+VLM_STEPS = 700                 # captioner steps (the "strong" reward VLM)
+VLM_WEAK_STEPS = 150            # a weaker captioner, for the stronger-VLM-helps ablation
+BATCH = 32
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
+           "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen's pre-tokenizer split: a newline is its own piece, so no BPE merge crosses the assistant header.
+QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+              r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def vl_template(system=None, think=False):
+    """A Qwen-style chat template; content is a string or a list of {'type': 'image'|'text'}.
+    system: a default system prompt (Qwen2.5-VL adds one); think: an empty think block before
+    the assistant's content (as Qwen3 thinking templates do); enable_thinking=False adds it to
+    the generation prompt like Qwen3."""
+    sys_part = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\n" + system + "<|im_end|>\\n' }}"
+                "{%- endif %}") if system else ""
+    think_part = "{%- if message['role'] == 'assistant' %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}" if think else ""
+    return (sys_part +
+            "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}" + think_part +
+            "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+            "{%- for c in message['content'] %}{%- if c['type'] == 'image' %}"
+            "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}{%- elif c['type'] == 'text' %}{{- c['text'] }}"
+            "{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+            "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+            "{%- endif %}{%- endif %}")
+
+
+def bpe_tokenizer(corpus, vocab_size=400, template=None, special=SPECIAL):
+    """A byte-level BPE trained in-process on `corpus`, wrapped as transformers' Qwen2Tokenizer."""
+    import json
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    t = Tokenizer(models.BPE())
+    t.normalizer = normalizers.NFC()
+    t.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior='isolated', invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.train_from_iterator(list(corpus), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(special), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    m = json.loads(t.to_str())['model']
+    merges = [tuple(x) if isinstance(x, list) else tuple(x.split(' ')) for x in m['merges']]
+    return Qwen2Tokenizer(vocab=m['vocab'], merges=merges, additional_special_tokens=list(special[1:]),
+                          chat_template=template or vl_template())
+
+
+def _toy_tokenizer():
+    words = ' '.join(VOCAB + list(QUERY_WORDS))
+    corpus = [words, words.capitalize(), 'Describe this image in detail.', 'user\n assistant\n system\n'] * 50
+    return bpe_tokenizer(corpus, vocab_size=300)
+
+
+def _images_to_tensor(images):
+    import torch
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # [B, 3, H, W] in [-1, 1]
+
+
+def _progress(n, desc):
+    from tqdm import tqdm
+    return tqdm(range(n), desc=desc, mininterval=2)
+
+
+def train_policy(out, pairs, steps_vae=VAE_STEPS, steps_dit=DIT_STEPS, seed=0):
+    """A tiny Z-Image (VAE + Qwen3 text encoder + ZImageTransformer2DModel) trained by flow matching."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+    torch.manual_seed(seed)
+    imgs = _images_to_tensor([p[0] for p in pairs])          # [N, 3, 64, 64]
+    caps = [p[1] for p in pairs]
+    # 1. the autoencoder: 64x64x3 -> 16x16x4, reconstruction + a small KL
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=['DownEncoderBlock2D'] * 3,
+                        up_block_types=['UpDecoderBlock2D'] * 3, block_out_channels=[16, 32, 32],
+                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    for step in _progress(steps_vae, 'toy VAE'):
+        x = imgs[torch.randint(len(imgs), (BATCH,))]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = (rec - x).abs().mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(imgs[i:i + 256]).latent_dist.mean for i in range(0, len(imgs), 256)])
+    shift, scale = z.mean().item(), 1.0 / z.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    x0_all = (z - shift) * scale                              # [N, 4, 16, 16] the policy's latent space
+    # 2. text encoder + transformer, jointly, by flow matching in Z-Image's convention
+    tok = _toy_tokenizer()
+    te = Qwen3Model(Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=4, head_dim=16, vocab_size=len(tok), max_position_embeddings=256))
+    tr = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=96, n_layers=3,
+                                  n_refiner_layers=1, n_heads=4, n_kv_heads=4, norm_eps=1e-5, qk_norm=True,
+                                  cap_feat_dim=64, rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 8, 8],
+                                  axes_lens=[256, 32, 32])
+    with torch.no_grad():
+        tr.x_pad_token.normal_(0, 0.02)
+        tr.cap_pad_token.normal_(0, 0.02)
+    params = list(te.parameters()) + list(tr.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    for step in _progress(steps_dit, 'toy policy'):
+        idx = torch.randint(len(caps), (BATCH,))
+        text = [caps[i] if torch.rand(()) > 0.1 else '' for i in idx.tolist()]  # 10% empty: CFG
+        chat = [tok.apply_chat_template([{'role': 'user', 'content': t}], tokenize=False, add_generation_prompt=True,
+                                        enable_thinking=True) for t in text]
+        t_in = tok(chat, padding=True, return_tensors='pt')
+        hid = te(input_ids=t_in.input_ids, attention_mask=t_in.attention_mask, output_hidden_states=True).hidden_states[-2]
+        feats = [h[m.bool()] for h, m in zip(hid, t_in.attention_mask)]
+        x0 = x0_all[idx]
+        eps = torch.randn_like(x0)
+        sigma = torch.sigmoid(torch.randn(BATCH))             # logit-normal noise levels
+        s = sigma.view(-1, 1, 1, 1)
+        xs = (1 - s) * x0 + s * eps                            # x_sigma
+        pred = torch.stack(tr(list(xs.unsqueeze(2).unbind(0)), 1 - sigma, feats, return_dict=False)[0]).squeeze(2)
+        loss = (pred - (x0 - eps)).pow(2).mean()               # Z-Image predicts x0 - eps
+        opt.zero_grad(); loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(); sched.step()
+    sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    pipe = ZImagePipeline(transformer=tr.eval(), vae=vae, scheduler=sch, text_encoder=te.eval(), tokenizer=tok)
+    pipe.save_pretrained(out)
+
+
+def train_vlm(out, pairs, query, steps=VLM_STEPS, seed=0):
+    """A tiny Qwen3-VL captioner: teacher forcing on the caption given [image] + query, on augmented
+    renders (noise, blur, jitter, colour shifts) so it reads the policy's imperfect samples too."""
+    import torch
+    from PIL import Image
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tok = _toy_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=None, eos_token_id=ids['<|im_end|>'],
+                         rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0, 'mrope_section': [4, 6, 6],
+                                          'mrope_interleaved': True}),
+        vision_config=dict(depth=2, hidden_size=96, intermediate_size=192, num_heads=4, out_hidden_size=128,
+                           patch_size=8, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[1]),
+        image_token_id=ids['<|image_pad|>'], video_token_id=ids['<|video_pad|>'], bos_token_id=None,
+        eos_token_id=ids['<|im_end|>'], vision_start_token_id=ids['<|vision_start|>'],
+        vision_end_token_id=ids['<|vision_end|>'])
+    model = Qwen3VLForConditionalGeneration(cfg)
+    ip = Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                  image_std=[0.5] * 3, size={'shortest_edge': 64 * 64, 'longest_edge': 64 * 64})
+    # the image-only processor (no torchvision), as reward.load_processor builds it
+    sub = type(Qwen3VLProcessor.__name__, (Qwen3VLProcessor,),
+               {'get_attributes': classmethod(lambda c: ['image_processor', 'tokenizer'])})
+    proc = sub(image_processor=ip, tokenizer=tok, video_processor=None, chat_template=tok.chat_template)
+    head = proc.apply_chat_template([{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': query}]}],
+                                    tokenize=False, add_generation_prompt=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.1, 1 - s / steps))
+    model.train()
+    for step in _progress(steps, f'toy VLM ({steps} steps)'):
+        batch = [pairs[i] for i in rng.integers(len(pairs), size=BATCH)]
+        ims = [Image.fromarray(augment(im, rng) if rng.random() < 0.8 else im) for im, _ in batch]
+        enc = proc(text=[head + c for _, c in batch], images=ims, return_tensors='pt', padding=True)
+        labels = enc['input_ids'].clone()
+        n_head = len(proc(text=[head], images=ims[:1])['input_ids'][0])  # same length for every 64x64 image
+        labels[:, :n_head] = -100                              # score only the caption (what the reward reads)
+        labels[enc['attention_mask'] == 0] = -100
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad(); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step()
+    model.eval().save_pretrained(out)
+    proc.save_pretrained(out)
+
+
+def prepare(out_dir=TOY_DIR, query='Describe this image in detail.'):
+    """Build whatever is missing under out_dir: prompt files, the policy, the two captioners."""
+    import json
+    import os
+    os.makedirs(out_dir, exist_ok=True)
+    train, heldout = prompt_split(N_TRAIN, N_HELDOUT, seed=0)
+    for name, rows in (('train.jsonl', train), ('heldout.jsonl', heldout)):
+        path = os.path.join(out_dir, name)
+        if not os.path.isfile(path):
+            with open(path + '.tmp', 'w') as f:
+                f.writelines(json.dumps({'prompt': p, 'id': str(i)}) + '\n' for i, p in enumerate(rows))
+            os.replace(path + '.tmp', path)
+    pairs = None
+    for sub, fn in (('zimage', lambda d, p: train_policy(d, p)),
+                    ('vlm', lambda d, p: train_vlm(d, p, query)),
+                    ('vlm_weak', lambda d, p: train_vlm(d, p, query, steps=VLM_WEAK_STEPS))):
+        d = os.path.join(out_dir, sub)
+        if os.path.isfile(os.path.join(d, 'model_index.json' if sub == 'zimage' else 'config.json')):
+            continue
+        pairs = pairs or caption_scene_pairs(N_PRETRAIN, seed=1, exclude=heldout)
+        fn(d + '.tmp', pairs)                                  # a killed run leaves no half-written model
+        os.replace(d + '.tmp', d)
+    return {k: os.path.join(out_dir, k) for k in ('zimage', 'vlm', 'vlm_weak', 'train.jsonl', 'heldout.jsonl')}
+
+
+def accuracy(image, prompt):
+    """Eval metric for train.py (eval_metric='toy:accuracy'): 1.0 if every claim of the prompt holds."""
+    return float(score(image, prompt)[1])
+
+
+def detector_reward(images, rows):
+    """The oracle reward (reward_fn='toy:detector_reward'): fraction of the prompt's claims the detector confirms."""
+    import torch
+    arr = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return torch.tensor([score(a, r['prompt'])[0] for a, r in zip(arr, rows)], dtype=torch.float32)
+
+
+if __name__ == '__main__':
+    print(prepare())
