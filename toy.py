@@ -372,6 +372,7 @@ TOY_DIR = 'out/toy'             # where prepare() writes models and prompt files
 N_TRAIN, N_HELDOUT = 2000, 200  # RL prompts / held-out prompts (disjoint meanings)
 N_PRETRAIN = 6000               # (render, caption) pairs for pretraining (held-out captions excluded)
 VAE_STEPS = 300                 # autoencoder steps (64x64 -> 16x16x4 latents)
+DIT_LR = 1e-3                   # policy learning rate (warm-up, then linear decay to 10%)
 DIT_STEPS = 1000                # policy steps: a short schedule leaves counting / binding imperfect
 VLM_STEPS = 700                 # captioner steps (the "strong" reward VLM)
 VLM_WEAK_STEPS = 150            # a weaker captioner, for the stronger-VLM-helps ablation
@@ -437,7 +438,7 @@ def _progress(n, desc):
     return tqdm(range(n), desc=desc, mininterval=2)
 
 
-def train_policy(out, pairs, steps_vae=VAE_STEPS, steps_dit=DIT_STEPS, seed=0):
+def train_policy(out, pairs, steps_vae=VAE_STEPS, steps_dit=DIT_STEPS, lr=DIT_LR, seed=0):
     """A tiny Z-Image (VAE + Qwen3 text encoder + ZImageTransformer2DModel) trained by flow matching."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
@@ -474,8 +475,8 @@ def train_policy(out, pairs, steps_vae=VAE_STEPS, steps_dit=DIT_STEPS, seed=0):
         tr.x_pad_token.normal_(0, 0.02)
         tr.cap_pad_token.normal_(0, 0.02)
     params = list(te.parameters()) + list(tr.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.1, 1 - s / steps_dit))
     for step in _progress(steps_dit, 'toy policy'):
         idx = torch.randint(len(caps), (BATCH,))
         text = [caps[i] if torch.rand(()) > 0.1 else '' for i in idx.tolist()]  # 10% empty: CFG
