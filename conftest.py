@@ -62,7 +62,6 @@ def qwenimage_pipeline():
     return QwenImagePipeline(transformer=tr, vae=vae, scheduler=sch, text_encoder=te, tokenizer=bpe_tokenizer(CORPUS))
 
 
-BUILDERS = {'zimage': zimage_pipeline, 'qwenimage': qwenimage_pipeline}
 
 
 @pytest.fixture(scope='session')
@@ -145,3 +144,77 @@ def vlm_dir(tmp_path_factory):
 def nan_reward(images, rows):
     """A broken reward plug-in for the NaN-skip test (train.py --reward_fn=conftest:nan_reward)."""
     return torch.full((len(images),), float('nan'))
+
+
+# -----------------------------------------------------------------------------
+# tiny SD3 and FLUX pipelines (CLIP with a character-level BPE vocab; T5 with a small unigram vocab)
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {'<|startoftext|>': 0, '<|endoftext|>': 1}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + '</w>', len(vocab))
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    tok.model_max_length = 77
+    return tok
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+    words = 'a photo of red blue green dog cat monkey dance bad quality blurry hello world number'.split()
+    vocab = [('<pad>', 0.0), ('</s>', 0.0), ('<unk>', 0.0)] + [('\u2581' + w, -1.0) for w in words] + \
+            [(chr(c), -5.0) for c in range(97, 123)] + [('\u2581', -2.0)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _clip_encoder(cls, projection=True):
+    from transformers import CLIPTextConfig
+    return cls(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                              num_attention_heads=4, num_hidden_layers=2, vocab_size=200, projection_dim=32,
+                              max_position_embeddings=77)).eval()
+
+
+def _t5_encoder():
+    from transformers import T5Config, T5EncoderModel
+    return T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8)).eval()
+
+
+def sd3_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+                               num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                               pooled_projection_dim=64, out_channels=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=['DownEncoderBlock2D'] * 2,
+                        up_block_types=['UpDecoderBlock2D'] * 2, block_out_channels=[8, 16], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=1.5035,
+                        shift_factor=0.0609)
+    return StableDiffusion3Pipeline(
+        transformer=tr, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=_clip_encoder(CLIPTextModelWithProjection), tokenizer=clip_tokenizer(),
+        text_encoder_2=_clip_encoder(CLIPTextModelWithProjection), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5_encoder(), tokenizer_3=t5_tokenizer())
+
+
+def flux_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=['DownEncoderBlock2D'] * 2,
+                        up_block_types=['UpDecoderBlock2D'] * 2, block_out_channels=[8, 16], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.3611,
+                        shift_factor=0.1159)
+    sch = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                          base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
+    return FluxPipeline(transformer=tr, vae=vae, scheduler=sch, text_encoder=_clip_encoder(CLIPTextModel),
+                        tokenizer=clip_tokenizer(), text_encoder_2=_t5_encoder(), tokenizer_2=t5_tokenizer())
+
+
+BUILDERS = {'zimage': zimage_pipeline, 'qwenimage': qwenimage_pipeline, 'sd3': sd3_pipeline, 'flux': flux_pipeline}

@@ -52,8 +52,9 @@ def load_model(path, device='cpu', dtype=torch.float32):
         raise FileNotFoundError(f"{path} is not a diffusers model directory (no model_index.json)")
     spec = json.load(open(index))
     family = FAMILIES.get(spec.get('_class_name'))
-    if family is None:
-        raise ValueError(f"unsupported pipeline {spec.get('_class_name')!r}; supported: {', '.join(FAMILIES)}")
+    if family not in ADAPTERS:
+        supported = ', '.join(k for k, v in FAMILIES.items() if v in ADAPTERS)
+        raise ValueError(f"unsupported pipeline {spec.get('_class_name')!r}; supported: {supported}")
     import diffusers
     import transformers
     parts = {}
@@ -83,7 +84,7 @@ def load_model(path, device='cpu', dtype=torch.float32):
 
 
 def check_size(m, height, width):
-    """Latents are packed in 2x2 patches: sides must be multiples of 2 * vae_scale."""
+    """Latents are (packed in) 2x2 patches: sides must be multiples of 2 * vae_scale."""
     q = 2 * m.vae_scale
     for side, name in ((height, 'height'), (width, 'width')):
         if side % q or side <= 0:
@@ -114,8 +115,8 @@ def sigma_schedule(m, steps, height, width):
             raise ValueError(f"scheduler option {k} is not supported by this sampler")
     n_tok = (height // m.vae_scale // 2) * (width // m.vae_scale // 2)  # image tokens after 2x2 packing
     if m.family == 'sd3':                                   # SD3 passes no sigmas: t from sigma_max to sigma_min
-        shift = sc.get('shift', 1.0)
-        s_min = shift * 1e-3 / (1 + (shift - 1) * 1e-3)      # the scheduler's shifted sigma at t = 1
+        shift = 1.0 if sc.get('use_dynamic_shifting') else sc.get('shift', 1.0)
+        s_min = shift * 1e-3 / (1 + (shift - 1) * 1e-3)      # the scheduler's (init-time shifted) sigma at t = 1
         s = np.linspace(1.0, s_min, steps)
     else:
         s = np.linspace(1.0, 1.0 / steps, steps)
@@ -246,10 +247,67 @@ def guide_plain(v_c, v_u, cfg, sigma):
     return v_u + cfg * (v_c - v_u)                           # standard CFG: uncond + g (cond - uncond)
 
 
+# -- SD3 / SD3.5: CLIP-L + CLIP-G (+ optional T5), MMDiT on unpacked latents -------------------------
+
+def _clip(tok, enc, prompts, m):
+    L = m.tokenizer.model_max_length                         # the pipelines use the first tokenizer's length
+    t = tok(prompts, padding='max_length', max_length=L, truncation=True, return_tensors='pt')
+    return enc(t.input_ids.to(m.device), output_hidden_states=True)
+
+
+def encode_sd3(m, prompts):
+    o1 = _clip(m.tokenizer, m.text_encoder, prompts, m)
+    o2 = _clip(m.tokenizer_2, m.text_encoder_2, prompts, m)
+    clip = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1)     # [B, 77, 768 + 1280] (clip_skip None)
+    D = m.transformer.config.joint_attention_dim
+    if m.text_encoder_3 is None:                             # SD3 without T5: zeros in its place
+        t5 = clip.new_zeros(len(prompts), m.tokenizer.model_max_length, D)
+    else:
+        t = m.tokenizer_3(prompts, padding='max_length', max_length=256, truncation=True, add_special_tokens=True,
+                          return_tensors='pt')
+        t5 = m.text_encoder_3(t.input_ids.to(m.device))[0]   # [B, 256, 4096]
+    clip = torch.nn.functional.pad(clip, (0, D - clip.shape[-1]))
+    return {'emb': torch.cat([clip, t5], 1), 'pooled': torch.cat([o1[0], o2[0]], -1)}  # [B, L, D], [B, 2048]
+
+
+def forward_sd3(m, x, sigma, cond):
+    return m.transformer(hidden_states=x.to(m.transformer.dtype), timestep=sigma * 1000,
+                         encoder_hidden_states=cond['emb'], pooled_projections=cond['pooled'],
+                         return_dict=False)[0].float()       # predicts eps - x0
+
+
+# -- FLUX.1: CLIP pooled + T5 sequence, packed latents, distilled guidance (no uncond branch) --------
+
+def encode_flux(m, prompts):
+    t = m.tokenizer(prompts, padding='max_length', max_length=m.tokenizer.model_max_length, truncation=True,
+                    return_tensors='pt')
+    pooled = m.text_encoder(t.input_ids.to(m.device), output_hidden_states=False).pooler_output   # [B, 768]
+    t2 = m.tokenizer_2(prompts, padding='max_length', max_length=MAX_TEXT_LEN, truncation=True, return_tensors='pt')
+    emb = m.text_encoder_2(t2.input_ids.to(m.device), output_hidden_states=False)[0]            # [B, 512, 4096]
+    cond = {'emb': emb, 'pooled': pooled}
+    if m.transformer.config.guidance_embeds:                 # FLUX.1-dev: the guidance scale is an input
+        cond['guidance'] = torch.zeros(len(prompts), device=m.device)  # set to the cfg by the caller
+    return cond
+
+
+def forward_flux(m, x, sigma, cond):
+    B, C, h, w = x.shape
+    img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
+    img_ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
+    img_ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
+    out = m.transformer(hidden_states=_pack(x).to(m.transformer.dtype), timestep=sigma, guidance=cond.get('guidance'),
+                        pooled_projections=cond['pooled'], encoder_hidden_states=cond['emb'],
+                        txt_ids=torch.zeros(cond['emb'].shape[1], 3, device=x.device),
+                        img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
+    return _unpack(out.float(), h, w)                        # predicts eps - x0
+
+
 ADAPTERS = {
     'zimage': dict(encode=encode_zimage, forward=forward_zimage, guide=guide_zimage, decode=decode_scaled),
     'qwenimage': dict(encode=encode_qwenimage, forward=forward_qwenimage, guide=guide_qwenimage,
                       decode=decode_qwenimage),
+    'sd3': dict(encode=encode_sd3, forward=forward_sd3, guide=guide_plain, decode=decode_scaled),
+    'flux': dict(encode=encode_flux, forward=forward_flux, guide=None, decode=decode_scaled),
 }
 
 
@@ -267,6 +325,8 @@ def velocity(m, x, sigma, cond):
 
 def guided_velocity(m, x, sigma, cond, neg, cfg):
     """The velocity used for sampling: the family's guidance rule, cond and uncond in one batched forward."""
+    if m.family == 'flux':                                   # distilled guidance: one branch, g as an input
+        return velocity(m, x, sigma, cond | ({'guidance': torch.full_like(sigma, cfg)} if 'guidance' in cond else {}))
     if neg is None or (cfg <= 1 and m.family != 'zimage') or cfg <= 0:
         return velocity(m, x, sigma, cond)
     B = x.shape[0]

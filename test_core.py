@@ -126,18 +126,21 @@ def _pipe_images(pipe, family, prompt, neg, noise, steps, cfg, size):
     if family == 'qwenimage':                                  # Qwen-Image takes packed latents and true_cfg_scale
         return pipe(prompt, negative_prompt=neg, latents=sample._pack(noise), height=size, width=size,
                     num_inference_steps=steps, true_cfg_scale=cfg, output_type='pt').images
+    if family == 'flux':                                       # FLUX: packed latents, distilled guidance input
+        return pipe(prompt, latents=sample._pack(noise), height=size, width=size, num_inference_steps=steps,
+                    guidance_scale=cfg, output_type='pt').images
     return pipe(prompt, negative_prompt=neg, latents=noise, height=size, width=size,
                 num_inference_steps=steps, guidance_scale=cfg, output_type='pt').images
 
 
-@pytest.mark.parametrize('family', ['zimage', 'qwenimage'])
+@pytest.mark.parametrize('family', ['zimage', 'qwenimage', 'sd3', 'flux'])
 def test_sampler_matches_diffusers_pipeline(family, t2i_dir):
     path = t2i_dir(family)
     m = sample.load_model(path)
     pipe = _pipeline(family, path)
     size, steps = 32, 4
     noise = sample.initial_noise(m, [7], size, size)
-    for cfg, neg in ((4.0, 'bad quality, blurry'), (0.0 if family == 'zimage' else 1.0, None)):
+    for cfg, neg in ((4.0, 'bad quality, blurry'), ({'zimage': 0.0, 'flux': 2.0}.get(family, 1.0), None)):
         ref = _pipe_images(pipe, family, 'a red dog and a blue cat', neg, noise.clone(), steps, cfg, size)
         ours, _ = sample.generate(m, ['a red dog and a blue cat'], [7], steps, cfg, size, size,
                                   negative_prompt=neg or '')
@@ -145,7 +148,7 @@ def test_sampler_matches_diffusers_pipeline(family, t2i_dir):
         assert (ours - ref).abs().max().item() <= 1e-4, (family, cfg)
 
 
-@pytest.mark.parametrize('family', ['zimage', 'qwenimage'])
+@pytest.mark.parametrize('family', ['zimage', 'qwenimage', 'sd3', 'flux'])
 def test_sampler_batch_invariance_and_seeds(family, t2i_dir):
     m = sample.load_model(t2i_dir(family))
     prompts = ['a red dog', 'green monkey dance', 'a photo of a cat', 'hello world', 'blue quality']
@@ -156,7 +159,7 @@ def test_sampler_batch_invariance_and_seeds(family, t2i_dir):
     assert (other[0] - alone[0]).abs().max().item() > 1e-3      # the seed matters
 
 
-@pytest.mark.parametrize('family', ['zimage', 'qwenimage'])
+@pytest.mark.parametrize('family', ['zimage', 'qwenimage', 'sd3', 'flux'])
 def test_lora_round_trip_through_diffusers(family, t2i_dir, tmp_path):
     path = t2i_dir(family)
     m = sample.load_model(path)

@@ -333,6 +333,8 @@ for it in range(it0, max_iters):
     cond_g = sample.encode(m, [train_rows[picks[g]]['prompt'] for g in groups])
     move(m.text_encoder, device if text_encoder_on_gpu else 'cpu')
     cond = sample.take(cond_g, [groups.index(j // K) for j in local])       # per rollout, reused by the update
+    if 'guidance' in cond:                                    # FLUX.1-dev: train at the rollouts' guidance input
+        cond['guidance'] = torch.full_like(cond['guidance'], rollout_cfg)
     noise = sample.initial_noise(m, [rank_seed(seed, it, j) for j in local], resolution, resolution)
     x0, images = [], []
     move(m.vae, device)
