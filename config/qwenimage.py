@@ -1,19 +1,5 @@
-# Qwen-Image-2512 at the PromptEcho paper's settings (8 GPUs: torchrun --nproc_per_node 8 train.py config/qwenimage.py)
+# Qwen-Image-2512 at the PromptEcho paper's settings (torchrun --nproc_per_node 8 train.py config/qwenimage.py):
+# the same run as config/zimage.py with the other policy.
+exec(open('config/zimage.py').read())
 out_dir = 'out/qwenimage'
-model = 'Qwen/Qwen-Image-2512'      # or a local diffusers directory
-vlm = 'Qwen/Qwen3-VL-32B-Instruct'    # the paper's reward VLM; Qwen3-VL-8B-Instruct also works (weaker)
-prompts = 'data/captions_train.jsonl' # made by: python data_prep.py caption ...
-prompts_per_iter = 32
-images_per_prompt = 8
-rollout_steps = 30
-rollout_cfg = 3.5
-resolution = 1024
-rollout_batch = 4
-reward_batch = 8
-batch_size = 128
-micro_batch = 2
-epochs_per_iter = 4
-lora_rank = 64
-lora_alpha = 128
-lr = 5e-5
-vlm_on_gpu = False                    # park the 32B VLM on the CPU outside the reward phase
+model = 'Qwen/Qwen-Image-2512'        # or a local diffusers directory
