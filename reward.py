@@ -30,6 +30,8 @@ OCR_KEYS = ('main_title', 'subtitle', 'selling_points', 'other_text')
 INFER_QUERY = ("Here is a text-to-image prompt: \"{prompt}\"\nHow consistent is this image with the prompt? "
                "Answer with one integer from 0 (unrelated) to 10 (every detail matches).")
 MAX_BATCH = 8             # images per VLM forward
+LOGITS_CHUNK = 1024       # label positions per lm_head + log-softmax call: caps the [N, vocab] logits at
+                          # 1024 x 151k x 4 B = 0.6 GB (8 images x 400-token labels would be 4.8 GB at once)
 # The VLM's image resolution cap. At 1024x1024 Qwen3-VL (16 px patches, 2x2 merge) makes 4096 patches
 # -> 1024 image tokens in the LLM; Qwen2.5-VL (14 px, 2x2 merge) resizes to 1036^2 -> 1369 tokens.
 # 512*512 costs about 4x less in both the vision tower and the LLM.
@@ -208,9 +210,9 @@ def _reward_chunk(model, processor, images, labels, queries, max_pixels):
     inputs['pixel_values'] = inputs['pixel_values'].to(model.dtype)
     hidden = model.model(**inputs).last_hidden_state                 # [B, T, H], no [B, T, vocab] logits
     h = hidden[torch.tensor(rows, device=dev), torch.tensor(pos, device=dev)]  # [N, H] label positions only
-    logits = model.lm_head(h).float()                                # [N, vocab]
     tgt = torch.tensor(targets, device=dev)
-    logp = logits.log_softmax(-1).gather(1, tgt[:, None])[:, 0]      # [N] log P(p_i | x, q, p_<i)
+    logp = torch.cat([model.lm_head(hc).float().log_softmax(-1).gather(1, tc[:, None])[:, 0]  # [n, vocab] at a time
+                      for hc, tc in zip(h.split(LOGITS_CHUNK), tgt.split(LOGITS_CHUNK))])  # [N] log P(p_i | x, q, p_<i)
     row_t = torch.tensor(rows, device=dev)
     count = torch.bincount(row_t, minlength=B).float()               # N_j label tokens per row
     rew = torch.zeros(B, device=dev).index_add_(0, row_t, logp) / count  # r = (1/N) sum log P = -CE

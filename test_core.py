@@ -482,3 +482,11 @@ def test_readme_table_names_exist():
     assert len(refs) >= 10
     for mod, fn in refs:
         assert hasattr(importlib.import_module(mod), fn), f"README names {mod}.py:{fn}, which does not exist"
+
+
+def test_reward_logits_chunking_is_exact(vlm_dir, monkeypatch):
+    model, proc = reward.load_vlm(vlm_dir('qwen3'))
+    ims, labels = [_img(1), _img(2)], ['a red dog and a blue cat', 'hello world']
+    whole = reward.promptecho_reward(model, proc, ims, labels)
+    monkeypatch.setattr(reward, 'LOGITS_CHUNK', 3)                # 3 label positions per lm_head call
+    assert torch.allclose(reward.promptecho_reward(model, proc, ims, labels), whole, atol=1e-6)

@@ -373,7 +373,7 @@ N_TRAIN, N_HELDOUT = 2000, 200  # RL prompts / held-out prompts (disjoint meanin
 N_PRETRAIN = 6000               # (render, caption) pairs for pretraining (held-out captions excluded)
 VAE_STEPS = 300                 # autoencoder steps (64x64 -> 16x16x4 latents)
 DIT_LR = 1e-3                   # policy learning rate (warm-up, then linear decay to 10%)
-DIT_STEPS = 1000                # policy steps: a short schedule leaves counting / binding imperfect
+DIT_STEPS = 2000                # policy steps: a short schedule leaves counting / binding imperfect
 VLM_STEPS = 700                 # captioner steps (the "strong" reward VLM)
 VLM_WEAK_STEPS = 150            # a weaker captioner, for the stronger-VLM-helps ablation
 BATCH = 32
@@ -425,7 +425,7 @@ def bpe_tokenizer(corpus, vocab_size=400, template=None, special=SPECIAL):
 def _toy_tokenizer():
     words = ' '.join(VOCAB + list(QUERY_WORDS))
     corpus = [words, words.capitalize(), 'Describe this image in detail.', 'user\n assistant\n system\n'] * 50
-    return bpe_tokenizer(corpus, vocab_size=300)
+    return bpe_tokenizer(corpus, vocab_size=700)          # enough merges for whole words
 
 
 def _images_to_tensor(images):
