@@ -487,5 +487,10 @@ for it in range(it0, max_iters):
         if wandb_log:
             wandb.log(row, step=it)
 
+if master and first_eval and it0 == 0:                        # held-out before / after, in one file
+    last = {k: v for k, v in log_rows[-1].items() if k.startswith('eval_')} if log_rows else {}
+    write_json({'base': first_eval, 'trained': last, 'iters': max_iters}, os.path.join(out_dir, 'eval_summary.json'))
+    print("held-out before -> after: " + ", ".join(f"{k} {first_eval[k]:.4f} -> {last.get(k, float('nan')):.4f}"
+                                                     for k in first_eval))
 if ddp:
     dist.destroy_process_group()

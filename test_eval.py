@@ -1,0 +1,94 @@
+"""Tests of eval.py: judge bookkeeping, answer parsing, intervals, benchmark layouts, resume."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import sample
+
+
+def _rows(n):
+    return [{'id': str(i), 'prompt': f'prompt {i}'} for i in range(n)]
+
+
+def _img(v):
+    return Image.new('RGB', (8, 8), (v, v, v))
+
+
+def test_swap_bookkeeping_cancels_position_bias(tmp_path):
+    rows = _rows(400)
+    always_left = lambda p, a, b: '{"reasoning": "left", "preference": "image_a"}'
+    res = ev.run_densealign(rows, lambda i: _img(0), lambda i: _img(255), always_left, str(tmp_path / 'a'), seed=1)
+    recs = [json.loads(l) for l in open(tmp_path / 'a' / 'judgements.jsonl')]
+    n_swapped = sum(r['swapped'] for r in recs)
+    assert res['win'] == n_swapped and res['loss'] == 400 - n_swapped     # left = trained exactly when swapped
+    lo, hi = res['ci95_pp']
+    assert lo <= 0 <= hi                                                  # a pure position bias nets ~0
+    # a judge that sees which image is the trained one (white) always prefers it: 100% wins whatever the swaps
+    pick_white = lambda p, a, b: 'image_a' if a.getpixel((0, 0))[0] == 255 else 'image_b'
+    res = ev.run_densealign(rows, lambda i: _img(0), lambda i: _img(255), pick_white, str(tmp_path / 'b'), seed=1)
+    assert res['win'] == 400 and res['net_pp'] == 100.0
+
+
+def test_parse_judgement_messy_answers():
+    assert ev.parse_judgement('```json\n{"reasoning": "a is closer", "preference": "image_a"}\n```') == 'image_a'
+    assert ev.parse_judgement('Looking closely... {"preference": "tie", "reasoning": "same", "x": 1} done') == 'tie'
+    assert ev.parse_judgement('I prefer image_b because the dog is red.') == 'image_b'
+    assert ev.parse_judgement('both image_a and image_b have merits') is None      # ambiguous
+    assert ev.parse_judgement('no idea') is None
+    assert ev.parse_judgement('{"preference": "image_c"}') is None
+
+
+def test_interval_on_known_counts():
+    res = ev.summarize([1] * 60 + [-1] * 30 + [0] * 10 + [None] * 5)
+    assert (res['win'], res['loss'], res['tie'], res['invalid'], res['valid']) == (60, 30, 10, 5, 100)
+    assert abs(res['net_pp'] - 30.0) < 1e-9
+    mean = 0.3
+    sd = math.sqrt((60 * (1 - mean) ** 2 + 30 * (-1 - mean) ** 2 + 10 * mean ** 2) / 99)   # by hand
+    assert np.allclose(res['ci95_pp'], (100 * (mean - 1.96 * sd / 10), 100 * (mean + 1.96 * sd / 10)))
+
+
+def test_resume_neither_regenerates_nor_rejudges(t2i_dir, tmp_path):
+    m = sample.load_model(t2i_dir('zimage'))
+    rows = _rows(3)
+    calls = []
+
+    def judge(p, a, b):
+        calls.append(p)
+        return 'garbage' if len(calls) == 1 else '{"preference": "tie"}'    # first answer malformed: retried
+    for attempt in range(2):
+        base = ev.cached_images(m, rows, str(tmp_path / 'images' / 'base'), 2, 4.0, 32, 0)
+        mt = os.path.getmtime(tmp_path / 'images' / 'base' / '0.png')
+        res = ev.run_densealign(rows, base, base, judge, str(tmp_path), seed=0)
+        if attempt == 0:
+            assert len(calls) == 4 and res['tie'] == 3                     # 3 items + 1 retry
+            first_mtime = mt
+    assert len(calls) == 4 and mt == first_mtime                          # second run: no judge call, no image
+
+
+def test_export_layouts(t2i_dir, tmp_path):
+    m = sample.load_model(t2i_dir('zimage'))
+    gen = tmp_path / 'geneval.jsonl'
+    src = os.path.join(os.path.dirname(__file__), '..', 'shared', 'data', 'geneval_evaluation_metadata.jsonl')
+    lines = open(src).read().splitlines()[:2] if os.path.isfile(src) else [
+        json.dumps({'tag': 'single_object', 'include': [{'class': 'cat', 'count': 1}], 'prompt': 'a photo of a cat'})] * 2
+    gen.write_text('\n'.join(lines) + '\n')
+    ev.export_geneval(m, str(gen), str(tmp_path / 'g'), n=2, steps=2, size=32)
+    for i, line in enumerate(lines):
+        d = tmp_path / 'g' / f'{i:05d}'
+        assert (d / 'metadata.jsonl').read_text() == line + '\n'           # verbatim
+        assert sorted(os.listdir(d / 'samples')) == ['0000.png', '0001.png']
+    ev.export_dpg(m, [{'id': 'p7', 'prompt': 'a red dog'}], str(tmp_path / 'd'), steps=2, size=32)
+    assert Image.open(tmp_path / 'd' / 'p7.png').size == (64, 64)        # 2x2 grid of 32px samples
+    tiif = tmp_path / 't.jsonl'
+    tiif.write_text('\n'.join(json.dumps({'type': t, 'short_description': 'a dog', 'long_description': 'a red dog'})
+                              for t in ('color', 'color', 'text')) + '\n')
+    ev.export_tiif(m, str(tiif), str(tmp_path / 'ti'), 'ours', steps=2, size=32)
+    for t, i in (('color', 0), ('color', 1), ('text', 0)):
+        for k in ('short_description', 'long_description'):
+            assert (tmp_path / 'ti' / t / 'ours' / k / f'{i}.png').is_file()
