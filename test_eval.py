@@ -92,3 +92,49 @@ def test_export_layouts(t2i_dir, tmp_path):
     for t, i in (('color', 0), ('color', 1), ('text', 0)):
         for k in ('short_description', 'long_description'):
             assert (tmp_path / 'ti' / t / 'ours' / k / f'{i}.png').is_file()
+
+
+# -----------------------------------------------------------------------------
+# data_prep.py
+
+import data_prep
+
+
+def test_caption_folder_corrupt_filter_and_resume(vlm_dir, tmp_path):
+    import reward
+    root = tmp_path / 'imgs'
+    (root / 'sub').mkdir(parents=True)
+    for n, c in (('a.png', 10), ('sub/b.jpg', 200), ('c.webp', 90)):
+        Image.new('RGB', (40, 40), (c, c, c)).save(root / n)
+    (root / 'broken.png').write_bytes(b'not an image')
+    model, proc = reward.load_vlm(vlm_dir('qwen3'))
+    raw = str(tmp_path / 'cap_raw.jsonl')
+    data_prep.caption_folder(str(root), raw, lambda ims: data_prep.vlm_captions(model, proc, ims, max_new_tokens=5), 2)
+    rows = [json.loads(l) for l in open(raw)]
+    assert sorted(r['image'] for r in rows) == ['a.png', 'broken.png', 'c.webp', 'sub/b.jpg']
+    assert [r['image'] for r in rows if 'error' in r] == ['broken.png']
+    calls = []
+    data_prep.caption_folder(str(root), raw, lambda ims: calls.append(ims) or [], 2)   # resume: nothing left
+    assert calls == [] and len(open(raw).readlines()) == 4
+    # filtering on controlled captions: one too short, one duplicate, one kept
+    with open(raw, 'w') as f:
+        for img, cap in (('a', 'word ' * 5), ('b', 'long caption ' * 3), ('c', 'Long caption ' * 3), ('d', None)):
+            f.write(json.dumps({'image': img, 'caption': cap} if cap else {'image': img, 'error': 'bad'}) + '\n')
+    s = data_prep.filter_split(raw, str(tmp_path / 'cap'), min_words=6, max_words=10, test_size=0)
+    assert s['dropped'] == {'unreadable': 1, 'too_short': 1, 'too_long': 0, 'duplicate': 1} and s['kept'] == 1
+    assert [json.loads(l)['id'] for l in open(tmp_path / 'cap_train.jsonl')] == ['b']
+
+
+def test_import_formats_and_ocr(tmp_path):
+    (tmp_path / 'p.txt').write_text('a red dog\n\na blue cat\n')
+    assert [r['prompt'] for r in data_prep.import_prompts(str(tmp_path / 'p.txt'))] == ['a red dog', 'a blue cat']
+    (tmp_path / 'p.jsonl').write_text(json.dumps({'caption': 'a long caption'}) + '\n')
+    assert data_prep.import_prompts(str(tmp_path / 'p.jsonl'))[0] == {'prompt': 'a long caption', 'id': '0'}
+    (tmp_path / 'p.csv').write_text('id,prompt\nx1,"a cat, sitting"\n')
+    assert data_prep.import_prompts(str(tmp_path / 'p.csv'))[0]['prompt'] == 'a cat, sitting'
+    (tmp_path / 'o.txt').write_text('A poster titled "SUMMER SALE" with the line \u201cup to 50% off\u201d and "shop now"\n')
+    row = data_prep.import_prompts(str(tmp_path / 'o.txt'), ocr=True)[0]
+    assert json.loads(row['label']) == {'main_title': ['SUMMER SALE'], 'subtitle': ['up to 50% off'],
+                                        'selling_points': [], 'other_text': ['shop now']}
+    import reward
+    assert row['query'] == reward.OCR_QUERY
