@@ -551,8 +551,10 @@ def train_vlm(out, pairs, query, steps=VLM_STEPS, seed=0):
     proc.save_pretrained(out)
 
 
-def prepare(out_dir=TOY_DIR, query='Describe this image in detail.'):
-    """Build whatever is missing under out_dir: prompt files, the policy, the two captioners."""
+def prepare(out_dir=TOY_DIR, query='Describe this image in detail.', steps=None, n_pretrain=N_PRETRAIN):
+    """Build whatever is missing under out_dir: prompt files, the policy, the two captioners.
+    steps: (vae, dit, vlm, weak vlm) pretraining steps; None = the constants (tests pass tiny ones)."""
+    vae_s, dit_s, vlm_s, weak_s = steps or (VAE_STEPS, DIT_STEPS, VLM_STEPS, VLM_WEAK_STEPS)
     import json
     import os
     os.makedirs(out_dir, exist_ok=True)
@@ -564,13 +566,13 @@ def prepare(out_dir=TOY_DIR, query='Describe this image in detail.'):
                 f.writelines(json.dumps({'prompt': p, 'id': str(i)}) + '\n' for i, p in enumerate(rows))
             os.replace(path + '.tmp', path)
     pairs = None
-    for sub, fn in (('zimage', lambda d, p: train_policy(d, p)),
-                    ('vlm', lambda d, p: train_vlm(d, p, query)),
-                    ('vlm_weak', lambda d, p: train_vlm(d, p, query, steps=VLM_WEAK_STEPS))):
+    for sub, fn in (('zimage', lambda d, p: train_policy(d, p, vae_s, dit_s)),
+                    ('vlm', lambda d, p: train_vlm(d, p, query, steps=vlm_s)),
+                    ('vlm_weak', lambda d, p: train_vlm(d, p, query, steps=weak_s))):
         d = os.path.join(out_dir, sub)
         if os.path.isfile(os.path.join(d, 'model_index.json' if sub == 'zimage' else 'config.json')):
             continue
-        pairs = pairs or caption_scene_pairs(N_PRETRAIN, seed=1, exclude=heldout)
+        pairs = pairs or caption_scene_pairs(n_pretrain, seed=1, exclude=heldout)
         fn(d + '.tmp', pairs)                                  # a killed run leaves no half-written model
         os.replace(d + '.tmp', d)
     return {k: os.path.join(out_dir, k) for k in ('zimage', 'vlm', 'vlm_weak', 'train.jsonl', 'heldout.jsonl')}
