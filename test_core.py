@@ -490,3 +490,12 @@ def test_reward_logits_chunking_is_exact(vlm_dir, monkeypatch):
     whole = reward.promptecho_reward(model, proc, ims, labels)
     monkeypatch.setattr(reward, 'LOGITS_CHUNK', 3)                # 3 label positions per lm_head call
     assert torch.allclose(reward.promptecho_reward(model, proc, ims, labels), whole, atol=1e-6)
+
+
+def test_train_full_finetune(tiny_run, tmp_path):
+    out = str(tmp_path / 'full')
+    run_train(tiny_run(out_dir=out, lora_rank=0, max_iters=1, lr=1e-4))
+    tuned = load_file(os.path.join(out, 'ckpt', 'transformer.safetensors'))
+    base = sample.load_model(tiny_run()[0].split('=', 1)[1]).transformer.state_dict()
+    assert tuned.keys() == base.keys()
+    assert max((tuned[k] - base[k]).abs().max().item() for k in base) > 0   # the whole transformer trained

@@ -138,3 +138,44 @@ def test_import_formats_and_ocr(tmp_path):
                                         'selling_points': [], 'other_text': ['shop now']}
     import reward
     assert row['query'] == reward.OCR_QUERY
+
+
+def test_http_judge_on_loopback_with_retries(tmp_path):
+    """An OpenAI-compatible endpoint on 127.0.0.1: a 500 first (retried), then answers with two images."""
+    import http.server
+    import threading
+    seen = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
+            seen.append(body)
+            if len(seen) == 1:
+                self.send_response(500); self.end_headers(); return
+            msg = json.dumps({'choices': [{'message': {'content': '{"preference": "image_b", "reasoning": "x"}'}}]})
+            self.send_response(200); self.send_header('Content-Type', 'application/json'); self.end_headers()
+            self.wfile.write(msg.encode())
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.HTTPServer(('127.0.0.1', 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        judge = ev.http_judge(f'http://127.0.0.1:{srv.server_port}/v1', 'judge-model')
+        assert ev.parse_judgement(judge('a red dog', _img(0), _img(255))) == 'image_b'
+    finally:
+        srv.shutdown()
+    assert len(seen) == 2 and seen[1]['temperature'] == 0.3 and seen[1]['model'] == 'judge-model'
+    parts = seen[1]['messages'][0]['content']
+    assert [p['type'] for p in parts] == ['text', 'image_url', 'image_url'] and 'a red dog' in parts[0]['text']
+
+
+def test_local_judge_counts_malformed_as_invalid(vlm_dir, tmp_path):
+    judge = ev.local_judge(vlm_dir('qwen3'))                      # a random tiny VLM: it babbles
+    answer = judge('a red dog', _img(0), _img(255))
+    assert isinstance(answer, str)
+    res = ev.run_densealign(_rows(2), lambda i: _img(0), lambda i: _img(255), judge, str(tmp_path), seed=0)
+    recs = [json.loads(l) for l in open(tmp_path / 'judgements.jsonl')]
+    for r in recs:                                                # never dropped: counted, with every answer kept
+        assert (r['preference'] is None) == (r['outcome'] is None) and 1 <= len(r['answers']) <= ev.JUDGE_RETRIES
+    assert res['invalid'] == sum(r['preference'] is None for r in recs) and res['n'] == 2
