@@ -323,14 +323,15 @@ def velocity(m, x, sigma, cond):
     return ADAPTERS[m.family]['forward'](m, x, sigma, cond)
 
 
-def guided_velocity(m, x, sigma, cond, neg, cfg):
-    """The velocity used for sampling: the family's guidance rule, cond and uncond in one batched forward."""
+def guided_velocity(m, x, sigma, cond, both, cfg):
+    """The velocity used for sampling: the family's guidance rule, cond and uncond in one batched forward.
+    both: cat([cond, neg]) prepared once per sampling run (None = no negative branch)."""
     if m.family == 'flux':                                   # distilled guidance: one branch, g as an input
         return velocity(m, x, sigma, cond | ({'guidance': torch.full_like(sigma, cfg)} if 'guidance' in cond else {}))
-    if neg is None or (cfg <= 1 and m.family != 'zimage') or cfg <= 0:
+    if both is None or (cfg <= 1 and m.family != 'zimage') or cfg <= 0:
         return velocity(m, x, sigma, cond)
     B = x.shape[0]
-    v = velocity(m, torch.cat([x, x]), torch.cat([sigma, sigma]), cat([cond, neg]))  # [2B, C, h, w]
+    v = velocity(m, torch.cat([x, x]), torch.cat([sigma, sigma]), both)  # [2B, C, h, w]
     return ADAPTERS[m.family]['guide'](v[:B], v[B:], cfg, sigma)
 
 
@@ -340,9 +341,10 @@ def euler_sample(m, cond, noise, sigmas, cfg=0.0, neg=None, trajectory=False):
     x = noise.to(m.device, torch.float32)
     path = [x] if trajectory else None
     sig = sigmas.to(m.device)
+    both = cat([cond, neg]) if neg is not None else None     # padded once, not every step
     for i in range(len(sig) - 1):
         s = sig[i].expand(x.shape[0])
-        v = guided_velocity(m, x.to(m.dtype), s, cond, neg, cfg)
+        v = guided_velocity(m, x.to(m.dtype), s, cond, both, cfg)
         x = x + (sig[i + 1] - sig[i]) * v                    # Euler step: x <- x + (sigma_next - sigma) v
         if trajectory:
             path.append(x)
