@@ -472,6 +472,10 @@ def test_train_bad_config(tiny_run):
     assert p.returncode != 0 and 'not found' in p.stderr
     p = subprocess.run([sys.executable, 'train.py'] + tiny_run(batch_size=3), cwd=HERE, capture_output=True, text=True)
     assert p.returncode != 0 and 'batch_size=3 must divide' in p.stderr
+    p = subprocess.run([sys.executable, 'train.py'] + tiny_run(reward_fn='clip'), cwd=HERE, capture_output=True, text=True)
+    assert p.returncode != 0 and "use 'promptecho', 'random' or 'module:function'" in p.stderr
+    p = subprocess.run([sys.executable, 'train.py'] + tiny_run(reward_fn='nomod:fn'), cwd=HERE, capture_output=True, text=True)
+    assert p.returncode != 0 and "cannot load 'nomod:fn'" in p.stderr
 
 
 def test_readme_table_names_exist():

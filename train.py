@@ -120,7 +120,10 @@ def load_fn(spec):
     """'module:function' -> the function (for reward_fn / eval_metric plug-ins such as the toy detector)."""
     import importlib
     mod, _, fn = spec.partition(':')
-    return getattr(importlib.import_module(mod), fn)
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        sys.exit(f"cannot load {spec!r} ({e}); expected 'module:function', e.g. 'toy:detector_reward'")
 
 
 def rank_seed(*parts):
@@ -218,6 +221,8 @@ problems = [msg for bad, msg in [
     (N % batch_size, f"batch_size={batch_size} must divide the {N} rollouts of an iteration"),
     (batch_size % (world * micro_batch), f"batch_size={batch_size} must be a multiple of world*micro_batch={world * micro_batch}"),
     (beta > 0 and lora_rank == 0, "beta > 0 needs the LoRA (the reference is the model with the LoRA off)"),
+    (reward_fn not in ('promptecho', 'random') and ':' not in reward_fn,
+     f"reward_fn={reward_fn!r}: use 'promptecho', 'random' or 'module:function'"),
 ] if bad]
 if problems:
     sys.exit("config error: " + "; ".join(problems))
