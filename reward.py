@@ -33,7 +33,7 @@ MAX_BATCH = 8             # images per VLM forward
 LOGITS_CHUNK = 1024       # label positions per lm_head + log-softmax call: caps the [N, vocab] logits at
                           # 1024 x 151k x 4 B = 0.6 GB (8 images x 400-token labels would be 4.8 GB at once)
 # The VLM's image resolution cap. At 1024x1024 Qwen3-VL (16 px patches, 2x2 merge) makes 4096 patches
-# -> 1024 image tokens in the LLM; Qwen2.5-VL (14 px, 2x2 merge) resizes to 1036^2 -> 1369 tokens.
+# -> 1024 image tokens in the LLM; Qwen2.5-VL (14 px, 2x2 merge) resizes to 1008^2 -> 1296 tokens.
 # 512*512 costs about 4x less in both the vision tower and the LLM.
 MAX_PIXELS = 1024 * 1024
 
@@ -182,6 +182,9 @@ def _reward_chunk(model, processor, images, labels, queries, max_pixels):
     label_ids = [tok(l, add_special_tokens=False)['input_ids'] for l in labels]
     limit = model.config.get_text_config().max_position_embeddings
     for j, (n, ids) in enumerate(zip(n_ctx, label_ids)):
+        if n >= limit:
+            raise ValueError(f"image {j}: the context alone ({n} tokens) fills the VLM's {limit}-token window; "
+                             "lower max_pixels or shorten the query")
         if n + len(ids) > limit:                                     # decision: truncate, warn, keep training
             warnings.warn(f"label {j} has {len(ids)} tokens; with {n} context tokens it exceeds the VLM's "
                           f"{limit}-token context, scoring its first {limit - n} tokens only")

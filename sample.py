@@ -34,7 +34,8 @@ QWEN_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color,
                  "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
                  "<|im_end|>\n<|im_start|>assistant\n")
 QWEN_DROP = 34             # tokens of the system part above, dropped from the embeddings (as the pipeline does)
-MAX_TEXT_LEN = 512         # max prompt tokens (Z-Image, Qwen-Image, FLUX T5; SD3 uses 256 for T5)
+MAX_TEXT_LEN = 512         # max prompt tokens (Z-Image, Qwen-Image, FLUX T5)
+SD3_T5_LEN = 256           # SD3's T5 sequence (the pipeline's max_sequence_length default)
 ZIMAGE_CFG_NORM = 0.0      # Z-Image: cap |v_cfg| at this multiple of |v_cond| per image (0 = off, pipeline default)
 ZIMAGE_CFG_TRUNC = 1.0     # Z-Image: drop guidance once the model time 1 - sigma exceeds this (1.0 = never)
 
@@ -260,10 +261,10 @@ def encode_sd3(m, prompts):
     o2 = _clip(m.tokenizer_2, m.text_encoder_2, prompts, m)
     clip = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1)     # [B, 77, 768 + 1280] (clip_skip None)
     D = m.transformer.config.joint_attention_dim
-    if m.text_encoder_3 is None:                             # SD3 without T5: zeros in its place
-        t5 = clip.new_zeros(len(prompts), m.tokenizer.model_max_length, D)
+    if m.text_encoder_3 is None:                             # SD3 without T5: 256 zero tokens in its place
+        t5 = clip.new_zeros(len(prompts), SD3_T5_LEN, D)
     else:
-        t = m.tokenizer_3(prompts, padding='max_length', max_length=256, truncation=True, add_special_tokens=True,
+        t = m.tokenizer_3(prompts, padding='max_length', max_length=SD3_T5_LEN, truncation=True, add_special_tokens=True,
                           return_tensors='pt')
         t5 = m.text_encoder_3(t.input_ids.to(m.device))[0]   # [B, 256, 4096]
     clip = torch.nn.functional.pad(clip, (0, D - clip.shape[-1]))
@@ -412,9 +413,11 @@ def load_lora(m, path):
         rank = meta.get('transformer.r') or next(v.shape[0] for k, v in sd.items() if 'lora_A' in k)
         add_lora(m, rank, meta.get('transformer.lora_alpha', rank))  # no metadata: diffusers assumes alpha = r
     res = set_peft_model_state_dict(m.transformer, sd)
-    if res.unexpected_keys:
-        raise ValueError(f"{path}: {len(res.unexpected_keys)} LoRA tensors do not fit this transformer, "
-                         f"e.g. {res.unexpected_keys[0]}")
+    missing = [k for k in (res.missing_keys or []) if 'lora_' in k]
+    if res.unexpected_keys or missing:
+        bad = res.unexpected_keys or missing
+        raise ValueError(f"{path}: {len(res.unexpected_keys)} LoRA tensors do not fit this transformer and "
+                         f"{len(missing)} of its LoRA tensors are missing from the file, e.g. {bad[0]}")
 
 
 # -----------------------------------------------------------------------------

@@ -185,6 +185,21 @@ def test_lora_round_trip_through_diffusers(family, t2i_dir, tmp_path):
     assert (again - ours).abs().max().item() <= 1e-5
 
 
+def test_sd3_without_t5_matches_pipeline(tmp_path):
+    import conftest
+    from diffusers import StableDiffusion3Pipeline
+    p = conftest.sd3_pipeline()
+    p.text_encoder_3, p.tokenizer_3 = None, None                 # SD3 without T5: zeros in the T5 slot
+    p.save_pretrained(tmp_path)
+    m = sample.load_model(str(tmp_path))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    noise = sample.initial_noise(m, [5], 32, 32)
+    ref = _pipe_images(pipe, 'sd3', 'a red dog', 'blurry', noise.clone(), 3, 4.0, 32)
+    ours, _ = sample.generate(m, ['a red dog'], [5], 3, 4.0, 32, 32, negative_prompt='blurry')
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
 def test_sampler_bad_input(t2i_dir, tmp_path):
     m = sample.load_model(t2i_dir('zimage'))
     with pytest.raises(ValueError, match='nearest valid sizes: 32 or 36'):

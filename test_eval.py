@@ -1,15 +1,25 @@
-"""Tests of eval.py: judge bookkeeping, answer parsing, intervals, benchmark layouts, resume."""
+"""Tests of eval.py and data_prep.py: judge bookkeeping, answer parsing, intervals, benchmark layouts,
+resume, captioning, filtering, the split and prompt import. Tiny random models from conftest.py."""
+import hashlib
 import json
 import math
 import os
+import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import data_prep
 import eval as ev
+import reward
 import sample
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, '..', 'shared', 'data')
 
 
 def _rows(n):
@@ -20,128 +30,74 @@ def _img(v):
     return Image.new('RGB', (8, 8), (v, v, v))
 
 
+def _png(path):
+    return np.asarray(Image.open(path).convert('RGB')).astype(int)
+
+
+def _strict_json(path):
+    """json.load that refuses NaN / Infinity (what other tools' strict parsers do)."""
+    def bad(c):
+        raise ValueError(f"{path} holds {c}")
+    return json.load(open(path), parse_constant=bad)
+
+
+# -----------------------------------------------------------------------------
+# eval.py: bookkeeping
+
 def test_swap_bookkeeping_cancels_position_bias(tmp_path):
     rows = _rows(400)
     always_left = lambda p, a, b: '{"reasoning": "left", "preference": "image_a"}'
-    res = ev.run_densealign(rows, lambda i: _img(0), lambda i: _img(255), always_left, str(tmp_path / 'a'), seed=1)
-    recs = [json.loads(l) for l in open(tmp_path / 'a' / 'judgements.jsonl')]
-    n_swapped = sum(r['swapped'] for r in recs)
-    assert res['win'] == n_swapped and res['loss'] == 400 - n_swapped     # left = trained exactly when swapped
+    recs = ev.judge_pairs(rows, lambda i: _img(0), lambda i: _img(255), always_left, str(tmp_path / 'a'), seed=1)
+    rng = random.Random(1)
+    swaps = [rng.random() < 0.5 for _ in rows]                            # the documented draw, made here
+    assert [r['swapped'] for r in recs] == swaps
+    res = ev.summarize([r['outcome'] for r in recs])
+    assert res['win'] == sum(swaps) and res['loss'] == 400 - sum(swaps)   # left = trained exactly when swapped
     lo, hi = res['ci95_pp']
     assert lo <= 0 <= hi                                                  # a pure position bias nets ~0
-    # a judge that sees which image is the trained one (white) always prefers it: 100% wins whatever the swaps
+    # a judge that recognises the trained image (white) picks it wherever it is shown: 100% wins
     pick_white = lambda p, a, b: 'image_a' if a.getpixel((0, 0))[0] == 255 else 'image_b'
-    res = ev.run_densealign(rows, lambda i: _img(0), lambda i: _img(255), pick_white, str(tmp_path / 'b'), seed=1)
-    assert res['win'] == 400 and res['net_pp'] == 100.0
+    recs = ev.judge_pairs(rows, lambda i: _img(0), lambda i: _img(255), pick_white, str(tmp_path / 'b'), seed=1)
+    res = ev.summarize([r['outcome'] for r in recs])
+    assert res['win'] == 400 and res['net_pp'] == 100.0 and res['win_rate'] == 1.0
+    assert [json.loads(l)['winner'] for l in open(tmp_path / 'b' / 'judgements.jsonl')] == ['trained'] * 400
 
 
 def test_parse_judgement_messy_answers():
-    assert ev.parse_judgement('```json\n{"reasoning": "a is closer", "preference": "image_a"}\n```') == 'image_a'
-    assert ev.parse_judgement('Looking closely... {"preference": "tie", "reasoning": "same", "x": 1} done') == 'tie'
-    assert ev.parse_judgement('I prefer image_b because the dog is red.') == 'image_b'
-    assert ev.parse_judgement('both image_a and image_b have merits') is None      # ambiguous
-    assert ev.parse_judgement('no idea') is None
-    assert ev.parse_judgement('{"preference": "image_c"}') is None
+    p = ev.parse_judgement
+    assert p('```json\n{"reasoning": "a is closer", "preference": "image_a"}\n```') == 'image_a'
+    assert p('Looking closely at both... {"preference": "tie", "reasoning": "same", "score": 3} done') == 'tie'
+    assert p('{"reasoning": "B shows {two} cats, as asked", "preference": "image_b"}') == 'image_b'  # braces inside
+    assert p('{"reasoning": "A", "preference": "Image A"}') == 'image_a'                           # spelling
+    assert p("{'reasoning': 'the dog is red', 'preference': 'image_b'}") == 'image_b'              # single quotes
+    assert p('{"reasoning": "an "unescaped" quote", "preference": "tie"}') == 'tie'                # broken JSON
+    assert p('I prefer image_b because the dog is red.') == 'image_b'                              # bare word
+    assert p('tie') == 'tie'
+    assert p('both image_a and image_b have merits') is None                                       # ambiguous
+    assert p('no idea') is None and p('') is None and p(None) is None
+    assert p('{"preference": "image_c"}') is None
+    assert p('{"reasoning": "cut off mid-sent') is None
 
 
 def test_interval_on_known_counts():
     res = ev.summarize([1] * 60 + [-1] * 30 + [0] * 10 + [None] * 5)
-    assert (res['win'], res['loss'], res['tie'], res['invalid'], res['valid']) == (60, 30, 10, 5, 100)
+    assert (res['win'], res['loss'], res['tie'], res['invalid'], res['valid'], res['n']) == (60, 30, 10, 5, 100, 105)
+    assert (res['win_rate'], res['loss_rate'], res['tie_rate']) == (0.6, 0.3, 0.1)
+    assert abs(res['invalid_rate'] - 5 / 105) < 1e-12
     assert abs(res['net_pp'] - 30.0) < 1e-9
-    mean = 0.3
-    sd = math.sqrt((60 * (1 - mean) ** 2 + 30 * (-1 - mean) ** 2 + 10 * mean ** 2) / 99)   # by hand
-    assert np.allclose(res['ci95_pp'], (100 * (mean - 1.96 * sd / 10), 100 * (mean + 1.96 * sd / 10)))
-
-
-def test_resume_neither_regenerates_nor_rejudges(t2i_dir, tmp_path):
-    m = sample.load_model(t2i_dir('zimage'))
-    rows = _rows(3)
-    calls = []
-
-    def judge(p, a, b):
-        calls.append(p)
-        return 'garbage' if len(calls) == 1 else '{"preference": "tie"}'    # first answer malformed: retried
-    for attempt in range(2):
-        base = ev.cached_images(m, rows, str(tmp_path / 'images' / 'base'), 2, 4.0, 32, 0)
-        mt = os.path.getmtime(tmp_path / 'images' / 'base' / '0.png')
-        res = ev.run_densealign(rows, base, base, judge, str(tmp_path), seed=0)
-        if attempt == 0:
-            assert len(calls) == 4 and res['tie'] == 3                     # 3 items + 1 retry
-            first_mtime = mt
-    assert len(calls) == 4 and mt == first_mtime                          # second run: no judge call, no image
-
-
-def test_export_layouts(t2i_dir, tmp_path):
-    m = sample.load_model(t2i_dir('zimage'))
-    gen = tmp_path / 'geneval.jsonl'
-    src = os.path.join(os.path.dirname(__file__), '..', 'shared', 'data', 'geneval_evaluation_metadata.jsonl')
-    lines = open(src).read().splitlines()[:2] if os.path.isfile(src) else [
-        json.dumps({'tag': 'single_object', 'include': [{'class': 'cat', 'count': 1}], 'prompt': 'a photo of a cat'})] * 2
-    gen.write_text('\n'.join(lines) + '\n')
-    ev.export_geneval(m, str(gen), str(tmp_path / 'g'), n=2, steps=2, size=32)
-    for i, line in enumerate(lines):
-        d = tmp_path / 'g' / f'{i:05d}'
-        assert (d / 'metadata.jsonl').read_text() == line + '\n'           # verbatim
-        assert sorted(os.listdir(d / 'samples')) == ['0000.png', '0001.png']
-    ev.export_dpg(m, [{'id': 'p7', 'prompt': 'a red dog'}], str(tmp_path / 'd'), steps=2, size=32)
-    assert Image.open(tmp_path / 'd' / 'p7.png').size == (64, 64)        # 2x2 grid of 32px samples
-    tiif = tmp_path / 't.jsonl'
-    tiif.write_text('\n'.join(json.dumps({'type': t, 'short_description': 'a dog', 'long_description': 'a red dog'})
-                              for t in ('color', 'color', 'text')) + '\n')
-    ev.export_tiif(m, str(tiif), str(tmp_path / 'ti'), 'ours', steps=2, size=32)
-    for t, i in (('color', 0), ('color', 1), ('text', 0)):
-        for k in ('short_description', 'long_description'):
-            assert (tmp_path / 'ti' / t / 'ours' / k / f'{i}.png').is_file()
+    mean = 0.3                                                            # (60 - 30) / 100
+    sd = math.sqrt((60 * (1 - mean) ** 2 + 30 * (-1 - mean) ** 2 + 10 * mean ** 2) / 99)
+    assert np.allclose(res['ci95_pp'], [100 * (mean - 1.96 * sd / 10), 100 * (mean + 1.96 * sd / 10)])
+    assert np.allclose(res['ci95_pp'], [12.60, 47.40], atol=0.01)          # sd = 0.8876...: +-17.40 pp
+    empty = ev.summarize([None, None])
+    assert empty['net_pp'] is None and empty['invalid'] == 2 and empty['win_rate'] is None
 
 
 # -----------------------------------------------------------------------------
-# data_prep.py
+# eval.py: judges
 
-import data_prep
-
-
-def test_caption_folder_corrupt_filter_and_resume(vlm_dir, tmp_path):
-    import reward
-    root = tmp_path / 'imgs'
-    (root / 'sub').mkdir(parents=True)
-    for n, c in (('a.png', 10), ('sub/b.jpg', 200), ('c.webp', 90)):
-        Image.new('RGB', (40, 40), (c, c, c)).save(root / n)
-    (root / 'broken.png').write_bytes(b'not an image')
-    model, proc = reward.load_vlm(vlm_dir('qwen3'))
-    raw = str(tmp_path / 'cap_raw.jsonl')
-    data_prep.caption_folder(str(root), raw, lambda ims: data_prep.vlm_captions(model, proc, ims, max_new_tokens=5), 2)
-    rows = [json.loads(l) for l in open(raw)]
-    assert sorted(r['image'] for r in rows) == ['a.png', 'broken.png', 'c.webp', 'sub/b.jpg']
-    assert [r['image'] for r in rows if 'error' in r] == ['broken.png']
-    calls = []
-    data_prep.caption_folder(str(root), raw, lambda ims: calls.append(ims) or [], 2)   # resume: nothing left
-    assert calls == [] and len(open(raw).readlines()) == 4
-    # filtering on controlled captions: one too short, one duplicate, one kept
-    with open(raw, 'w') as f:
-        for img, cap in (('a', 'word ' * 5), ('b', 'long caption ' * 3), ('c', 'Long caption ' * 3), ('d', None)):
-            f.write(json.dumps({'image': img, 'caption': cap} if cap else {'image': img, 'error': 'bad'}) + '\n')
-    s = data_prep.filter_split(raw, str(tmp_path / 'cap'), min_words=6, max_words=10, test_size=0)
-    assert s['dropped'] == {'unreadable': 1, 'too_short': 1, 'too_long': 0, 'duplicate': 1} and s['kept'] == 1
-    assert [json.loads(l)['id'] for l in open(tmp_path / 'cap_train.jsonl')] == ['b']
-
-
-def test_import_formats_and_ocr(tmp_path):
-    (tmp_path / 'p.txt').write_text('a red dog\n\na blue cat\n')
-    assert [r['prompt'] for r in data_prep.import_prompts(str(tmp_path / 'p.txt'))] == ['a red dog', 'a blue cat']
-    (tmp_path / 'p.jsonl').write_text(json.dumps({'caption': 'a long caption'}) + '\n')
-    assert data_prep.import_prompts(str(tmp_path / 'p.jsonl'))[0] == {'prompt': 'a long caption', 'id': '0'}
-    (tmp_path / 'p.csv').write_text('id,prompt\nx1,"a cat, sitting"\n')
-    assert data_prep.import_prompts(str(tmp_path / 'p.csv'))[0]['prompt'] == 'a cat, sitting'
-    (tmp_path / 'o.txt').write_text('A poster titled "SUMMER SALE" with the line \u201cup to 50% off\u201d and "shop now"\n')
-    row = data_prep.import_prompts(str(tmp_path / 'o.txt'), ocr=True)[0]
-    assert json.loads(row['label']) == {'main_title': ['SUMMER SALE'], 'subtitle': ['up to 50% off'],
-                                        'selling_points': [], 'other_text': ['shop now']}
-    import reward
-    assert row['query'] == reward.OCR_QUERY
-
-
-def test_http_judge_on_loopback_with_retries(tmp_path):
-    """An OpenAI-compatible endpoint on 127.0.0.1: a 500 first (retried), then answers with two images."""
+def test_http_judge_on_loopback_with_retries(monkeypatch):
+    """An OpenAI-compatible endpoint on 127.0.0.1: a 500 first (retried), then an answer; a 401 fails at once."""
     import http.server
     import threading
     seen = []
@@ -149,33 +105,335 @@ def test_http_judge_on_loopback_with_retries(tmp_path):
     class H(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers['Content-Length'])))
-            seen.append(body)
-            if len(seen) == 1:
-                self.send_response(500); self.end_headers(); return
+            seen.append((self.path, dict(self.headers), body))
+            if len(seen) == 1 or body['model'] == 'deny':
+                self.send_response(500 if len(seen) == 1 else 401)
+                self.end_headers()
+                return
             msg = json.dumps({'choices': [{'message': {'content': '{"preference": "image_b", "reasoning": "x"}'}}]})
-            self.send_response(200); self.send_header('Content-Type', 'application/json'); self.end_headers()
+            self.send_response(200)
+            self.send_header('Content-Type', 'application/json')
+            self.end_headers()
             self.wfile.write(msg.encode())
 
         def log_message(self, *a):
             pass
+    monkeypatch.setattr(ev, 'HTTP_BACKOFF', 0.01)
+    monkeypatch.setenv(ev.JUDGE_KEY_ENV, 'sk-test')
     srv = http.server.HTTPServer(('127.0.0.1', 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        judge = ev.http_judge(f'http://127.0.0.1:{srv.server_port}/v1', 'judge-model')
+        judge = ev.make_judge(f'http://127.0.0.1:{srv.server_port}/v1/', 'judge-model')
         assert ev.parse_judgement(judge('a red dog', _img(0), _img(255))) == 'image_b'
+        n = len(seen)
+        with pytest.raises(ConnectionError, match='401'):
+            ev.http_judge(f'http://127.0.0.1:{srv.server_port}/v1', 'deny')('x', _img(0), _img(0))
+        assert len(seen) == n + 1                                         # not retried
     finally:
         srv.shutdown()
-    assert len(seen) == 2 and seen[1]['temperature'] == 0.3 and seen[1]['model'] == 'judge-model'
-    parts = seen[1]['messages'][0]['content']
-    assert [p['type'] for p in parts] == ['text', 'image_url', 'image_url'] and 'a red dog' in parts[0]['text']
+    path, headers, body = seen[1]
+    assert path == '/v1/chat/completions' and headers['Authorization'] == 'Bearer sk-test'
+    assert body['temperature'] == 0.3 and body['model'] == 'judge-model'
+    parts = body['messages'][0]['content']
+    assert [q['type'] for q in parts] == ['text', 'image_url', 'image_url'] and 'a red dog' in parts[0]['text']
+    sent = Image.open(__import__('io').BytesIO(__import__('base64').b64decode(parts[2]['image_url']['url'].split(',')[1])))
+    assert sent.getpixel((0, 0)) == (255, 255, 255)                       # image_b is the second image
+    with pytest.raises(ValueError, match='judge_model'):
+        ev.make_judge('http://127.0.0.1:1/v1')
+    with pytest.raises(ValueError, match='local:VLM_DIR'):
+        ev.make_judge('gpt-4o')
 
 
 def test_local_judge_counts_malformed_as_invalid(vlm_dir, tmp_path):
-    judge = ev.local_judge(vlm_dir('qwen3'))                      # a random tiny VLM: it babbles
-    answer = judge('a red dog', _img(0), _img(255))
-    assert isinstance(answer, str)
-    res = ev.run_densealign(_rows(2), lambda i: _img(0), lambda i: _img(255), judge, str(tmp_path), seed=0)
-    recs = [json.loads(l) for l in open(tmp_path / 'judgements.jsonl')]
-    for r in recs:                                                # never dropped: counted, with every answer kept
-        assert (r['preference'] is None) == (r['outcome'] is None) and 1 <= len(r['answers']) <= ev.JUDGE_RETRIES
+    judge = ev.local_judge(vlm_dir('qwen3'))                              # a random tiny VLM: it babbles
+    assert isinstance(judge('a red dog', _img(0), _img(255)), str)
+    recs = ev.judge_pairs(_rows(2), lambda i: _img(0), lambda i: _img(255), judge, str(tmp_path), seed=0)
+    for r in recs:                                                        # never dropped: counted, every answer kept
+        assert (r['preference'] is None) == (r['outcome'] is None)
+        assert len(r['answers']) == (1 + ev.JUDGE_RETRIES if r['preference'] is None else len(r['answers']))
+    res = ev.summarize([r['outcome'] for r in recs])
     assert res['invalid'] == sum(r['preference'] is None for r in recs) and res['n'] == 2
+
+
+def test_malformed_answers_retried_then_invalid(tmp_path):
+    answers = iter(['garbage', 'more garbage', '{"preference": "tie"}'] + ['???'] * (1 + ev.JUDGE_RETRIES))
+    recs = ev.judge_pairs(_rows(2), lambda i: _img(0), lambda i: _img(9), lambda *a: next(answers), str(tmp_path))
+    assert recs[0]['preference'] == 'tie' and len(recs[0]['answers']) == 3
+    assert recs[1]['winner'] == 'invalid' and len(recs[1]['answers']) == 1 + ev.JUDGE_RETRIES
+
+
+# -----------------------------------------------------------------------------
+# eval.py: the whole DenseAlignBench run, resumed
+
+def test_densealign_resume_neither_regenerates_nor_rejudges(t2i_dir, vlm_dir, tmp_path):
+    m = sample.load_model(t2i_dir('zimage'))
+    sample.add_lora(m, 4, 4)
+    with torch.no_grad():                                                 # a LoRA that changes the images
+        for n, p in m.transformer.named_parameters():
+            if 'lora_B' in n:
+                p.normal_(0, 0.5)
+    lora = str(tmp_path / 'lora.safetensors')
+    sample.save_lora(m, lora)
+    rows = [{'id': 'a/1', 'prompt': 'a red dog'}, {'id': 'b', 'prompt': 'a blue cat'},
+            {'id': 'c', 'prompt': 'a dog', 'label': 'a green dog'}]
+    calls = []
+
+    def judge(prompt, a, b):
+        calls.append(prompt)
+        return '{"reasoning": "", "preference": "image_b"}'
+    out = tmp_path / 'dab'
+    kw = dict(base=t2i_dir('zimage'), lora=lora, judge_fn=judge, steps=2, size=32, seed=5, device='cpu',
+              dtype=torch.float32)
+    res = ev.run_densealign(rows, str(out), vlm=vlm_dir('qwen3'), **kw)
+    assert len(calls) == 3 and res['n'] == 3 and res['images_generated'] == {'base': 3, 'trained': 3}
+    names = sorted(os.listdir(out / 'images' / 'base'))
+    assert names == sorted(os.listdir(out / 'images' / 'trained')) == ['a_1.png', 'b.png', 'c.png']
+    mtimes = {p: os.path.getmtime(p) for p in (out / 'images').rglob('*.png')}
+    # image of row i = seed + i, baseline without and trained with the LoRA (independent generation here)
+    base = sample.load_model(t2i_dir('zimage'))
+    want, _ = sample.generate(base, ['a blue cat'], [5 + 1], 2, 4.0, 32, 32)
+    assert np.abs(_png(out / 'images' / 'base' / 'b.png') - sample.to_uint8(want)[0]).max() <= 1
+    sample.load_lora(base, lora)
+    want_t, _ = sample.generate(base, ['a blue cat'], [5 + 1], 2, 4.0, 32, 32)
+    assert np.abs(_png(out / 'images' / 'trained' / 'b.png') - sample.to_uint8(want_t)[0]).max() <= 1
+    assert np.abs(sample.to_uint8(want_t)[0].astype(int) - sample.to_uint8(want)[0]).max() > 10
+    # image_b preferred: the trained image wins exactly in the unswapped items
+    rng = random.Random(5)
+    swaps = [rng.random() < 0.5 for _ in rows]
+    assert res['win'] == swaps.count(False) and res['loss'] == swaps.count(True)
+    # the reward means: the same numbers as scoring the PNGs directly (label where given, else the prompt)
+    vm, vp = reward.load_vlm(vlm_dir('qwen3'))
+    for side in ('base', 'trained'):
+        ims = [Image.open(out / 'images' / side / n) for n in ('a_1.png', 'b.png', 'c.png')]
+        r = reward.promptecho_reward(vm, vp, ims, ['a red dog', 'a blue cat', 'a green dog'])
+        assert abs(res[f'reward_{side}'] - r.mean().item()) < 1e-5
+    # second run: no judge call, no image written, the same summary (from the files)
+    res2 = ev.run_densealign(rows, str(out), vlm=vlm_dir('qwen3'), **kw)
+    assert len(calls) == 3 and res2['images_generated'] == {'base': 0, 'trained': 0}
+    assert {p: os.path.getmtime(p) for p in (out / 'images').rglob('*.png')} == mtimes
+    assert res2['win'] == res['win'] and len(open(out / 'judgements.jsonl').readlines()) == 3
+    assert _strict_json(out / 'summary.json')['win'] == res['win']
+    # more items later: only the new one is generated and judged
+    res3 = ev.run_densealign(rows + [{'id': 'd', 'prompt': 'a cat'}], str(out), **kw)
+    assert len(calls) == 4 and res3['n'] == 4 and res3['images_generated'] == {'base': 1, 'trained': 1}
+    with pytest.raises(ValueError, match='other settings'):               # never mix runs in one folder
+        ev.run_densealign(rows, str(out), **(kw | {'steps': 3}))
+    with pytest.raises(ValueError, match='nothing to compare'):
+        ev.run_densealign(rows, str(tmp_path / 'x'), **(kw | {'lora': ''}))
+    print(ev.format_table(res))
+
+
+def test_judgements_file_cut_by_a_kill_is_repaired(tmp_path):
+    ev.judge_pairs(_rows(2), lambda i: _img(0), lambda i: _img(9), lambda *a: 'tie', str(tmp_path))
+    path = tmp_path / 'judgements.jsonl'
+    with open(path, 'a') as f:
+        f.write('{"id": "2", "swa')                                       # killed mid-write
+    calls = []
+    recs = ev.judge_pairs(_rows(3), lambda i: _img(0), lambda i: _img(9),
+                          lambda *a: calls.append(1) or 'image_a', str(tmp_path))
+    assert len(calls) == 1 and [r['id'] for r in recs] == ['0', '1', '2']
+    assert [json.loads(l)['id'] for l in open(path)] == ['0', '1', '2']
+
+
+# -----------------------------------------------------------------------------
+# eval.py: benchmark layouts
+
+def _geneval_check(m, lines, out, n):
+    src = out.parent / (out.name + '.jsonl')
+    src.write_text('\n'.join(lines) + '\n')
+    ev.export_geneval(m, str(src), str(out), n=n, steps=2, size=32)
+    assert sorted(os.listdir(out)) == [f'{i:05d}' for i in range(len(lines))]
+    for i, line in enumerate(lines):
+        d = out / f'{i:05d}'
+        assert (d / 'metadata.jsonl').read_bytes() == (line + '\n').encode()   # verbatim
+        assert sorted(os.listdir(d / 'samples')) == [f'{k:04d}.png' for k in range(n)]
+        assert Image.open(d / 'samples' / '0000.png').size == (32, 32)
+        assert Image.open(d / 'grid.png').size == (32 * min(n, 4), 32 * math.ceil(n / 4))
+
+
+def test_export_geneval_layout_and_resume(t2i_dir, tmp_path):
+    m = sample.load_model(t2i_dir('zimage'))
+    lines = [json.dumps({'tag': 'single_object', 'include': [{'class': c, 'count': 1}], 'prompt': f'a photo of a {c}'})
+             for c in ('cat', 'dog')] + ['{"tag": "colors", "prompt": "a photo of a red cup",  "x": 1}']  # odd spacing
+    _geneval_check(m, lines, tmp_path / 'g', n=4)
+    # sample k of every prompt uses seed + k
+    want, _ = sample.generate(m, ['a photo of a dog'], [1], 2, 4.0, 32, 32)
+    assert np.abs(_png(tmp_path / 'g' / '00001' / 'samples' / '0001.png') - sample.to_uint8(want)[0]).max() <= 1
+    mtimes = {p: os.path.getmtime(p) for p in (tmp_path / 'g').rglob('*')}
+    loads = []
+    ev.export_geneval(lambda: loads.append(1) or m, str(tmp_path / 'g.jsonl'), str(tmp_path / 'g'), n=4, steps=2, size=32)
+    assert loads == [] and {p: os.path.getmtime(p) for p in (tmp_path / 'g').rglob('*')} == mtimes
+    with pytest.raises(ValueError, match='g2.jsonl:2'):
+        (tmp_path / 'g2.jsonl').write_text(lines[0] + '\nnot json\n')
+        ev.export_geneval(m, str(tmp_path / 'g2.jsonl'), str(tmp_path / 'g2'), n=1, steps=2, size=32)
+
+
+def test_export_geneval_official_metadata(t2i_dir, tmp_path):
+    src = os.path.join(SHARED, 'geneval_evaluation_metadata.jsonl')
+    if not os.path.isfile(src):
+        pytest.skip("../shared/data/geneval_evaluation_metadata.jsonl not present")
+    lines = open(src, encoding='utf-8').read().splitlines()[:3]
+    _geneval_check(sample.load_model(t2i_dir('zimage')), lines, tmp_path / 'g', n=2)
+
+
+def test_export_dpg_and_tiif_layouts(t2i_dir, tmp_path):
+    m = sample.load_model(t2i_dir('zimage'))
+    folder = tmp_path / 'dpg_prompts'
+    folder.mkdir()
+    (folder / 'partiprompts7.txt').write_text('a red dog on a blue sofa\n')
+    (folder / 'coco12.txt').write_text('two cats\n')
+    (folder / 'notes.md').write_text('ignored')
+    rows = ev.read_dpg(str(folder))
+    assert rows == [{'id': 'coco12', 'prompt': 'two cats'}, {'id': 'partiprompts7', 'prompt': 'a red dog on a blue sofa'}]
+    ev.export_dpg(m, rows, str(tmp_path / 'd'), steps=2, size=32, seed=3)
+    assert sorted(os.listdir(tmp_path / 'd')) == ['coco12.png', 'partiprompts7.png']
+    g = _png(tmp_path / 'd' / 'coco12.png')
+    assert g.shape == (64, 64, 3)                                         # 2x2 grid of 32px samples
+    want, _ = sample.generate(m, ['two cats'] * 4, [3, 4, 5, 6], 2, 4.0, 32, 32)
+    w = sample.to_uint8(want).astype(int)
+    quads = [g[:32, :32], g[:32, 32:], g[32:, :32], g[32:, 32:]]         # row-major: seeds 3, 4, 5, 6
+    assert all(np.abs(q - w[k]).max() <= 1 for k, q in enumerate(quads))
+    jl = tmp_path / 'dpg.jsonl'
+    jl.write_text(json.dumps({'id': 'x9', 'prompt': 'a cup'}) + '\n')
+    ev.export_dpg(m, ev.read_dpg(str(jl)), str(tmp_path / 'd2'), steps=2, size=32)
+    assert os.listdir(tmp_path / 'd2') == ['x9.png'] and Image.open(tmp_path / 'd2' / 'x9.png').size == (64, 64)
+    # TIIF: index within each type, both descriptions, a model-name level
+    tiif = tmp_path / 't.jsonl'
+    tiif.write_text('\n'.join(json.dumps({'type': t, 'short_description': f'{t} short {k}',
+                                          'long_description': f'{t} long {k}'})
+                              for t, k in (('color', 0), ('text', 0), ('color', 1))) + '\n')
+    assert ev.export_tiif(m, str(tiif), str(tmp_path / 'ti'), 'ours', steps=2, size=32) == {'color': 2, 'text': 1}
+    files = sorted(os.path.relpath(os.path.join(d, f), tmp_path / 'ti') for d, _, fs in os.walk(tmp_path / 'ti') for f in fs)
+    assert files == sorted(f'{t}/ours/{k}_description/{i}.png' for t, i in (('color', 0), ('color', 1), ('text', 0))
+                           for k in ('short', 'long'))
+    want, _ = sample.generate(m, ['color long 1'], [1], 2, 4.0, 32, 32)      # second color row: i = 1, seed + 1
+    assert np.abs(_png(tmp_path / 'ti' / 'color' / 'ours' / 'long_description' / '1.png')
+                  - sample.to_uint8(want)[0]).max() <= 1
+
+
+# -----------------------------------------------------------------------------
+# data_prep.py
+
+def _image_folder(root):
+    (root / 'sub').mkdir(parents=True)
+    Image.new('RGB', (40, 40), (10, 200, 30)).save(root / 'a.png')
+    Image.new('RGB', (48, 40), (200, 20, 30)).save(root / 'sub' / 'b.JPG')
+    (root / 'broken.webp').write_bytes(b'not an image')
+    (root / 'notes.txt').write_text('not an image either')
+
+
+def test_caption_real_vlm_corrupt_and_resume(vlm_dir, tmp_path):
+    root = tmp_path / 'imgs'
+    _image_folder(root)
+    assert data_prep.list_images(str(root)) == ['a.png', 'broken.webp', 'sub/b.JPG']
+    model, proc = reward.load_vlm(vlm_dir('qwen3'))
+    raw = str(tmp_path / 'cap.jsonl')
+    fn = lambda ims: data_prep.vlm_captions(model, proc, ims, max_new_tokens=6)
+    data_prep.caption_folder(str(root), raw, fn, batch=2)
+    rows = [json.loads(l) for l in open(raw)]
+    assert sorted(r['image'] for r in rows if 'caption' in r) == ['a.png', 'sub/b.JPG']
+    assert [r['image'] for r in rows if 'error' in r] == ['broken.webp'] and len(rows) == 3
+    assert all(isinstance(r['caption'], str) for r in rows if 'caption' in r)
+    # greedy: the caption is what the VLM generates for that image on its own
+    assert data_prep.vlm_captions(model, proc, [Image.open(root / 'a.png').convert('RGB')], max_new_tokens=6)[0] == \
+        next(r['caption'] for r in rows if r['image'] == 'a.png')
+    calls = []
+    assert data_prep.caption_folder(str(root), raw, lambda ims: calls.append(ims) or [], 2) == []
+    assert calls == [] and len(open(raw).readlines()) == 3                # resume: nothing captioned again
+    s = data_prep.filter_split(raw, str(tmp_path / 'cap'), min_words=0, max_words=10 ** 6, test_size=1)
+    assert s['unreadable'] == ['broken.webp'] and s['kept'] + s['dropped']['duplicate'] == 2
+
+
+def test_caption_resume_after_a_kill(tmp_path):
+    root = tmp_path / 'imgs'
+    _image_folder(root)
+    raw = tmp_path / 'cap.jsonl'
+    raw.write_text(json.dumps({'image': 'a.png', 'caption': 'x'}) + '\n{"image": "broken.webp", "err')  # killed
+    seen = []
+    data_prep.caption_folder(str(root), str(raw), lambda ims: [seen.append(im.size) or 'y' for im in ims], 8)
+    assert seen == [(48, 40)]                                             # only b; a was done, broken is recorded
+    rows = [json.loads(l) for l in open(raw)]
+    assert [r['image'] for r in rows] == ['a.png', 'broken.webp', 'sub/b.JPG'] and 'error' in rows[1]
+
+
+def test_filter_split_reasons_and_hash_split(tmp_path):
+    caps = {'short.png': 'word ' * 5, 'long.png': 'word ' * 20, 'd1.png': 'a cat on a red mat, seen from above',
+            'd2.png': '  a cat on a red mat, seen from above\n', 'k1.png': 'one two three four five six seven',
+            'k2.png': 'a dog with a blue ball in grass', 'k3.png': 'eight words for the third kept caption here',
+            'sub/k4.png': 'the fourth kept caption has eight words'}
+    rows = [{'image': i, 'caption': c} for i, c in caps.items()] + [{'image': 'bad.png', 'error': 'OSError: x'}]
+    for order, name in ((rows, 'a'), (rows[::-1], 'b')):                  # input order must not matter
+        raw = tmp_path / f'{name}.jsonl'
+        raw.write_text(''.join(json.dumps(r) + '\n' for r in order))
+        s = data_prep.filter_split(str(raw), str(tmp_path / name), min_words=6, max_words=10, test_size=2)
+        assert s['dropped'] == {'unreadable': 1, 'too_short': 1, 'too_long': 1, 'duplicate': 1}
+        assert (s['kept'], s['train'], s['test'], s['images']) == (5, 3, 2, 9) and s['unreadable'] == ['bad.png']
+        assert sum(s['words_histogram'].values()) == 8
+        assert _strict_json(tmp_path / f'{name}_summary.json') == s
+    h = lambda p: hashlib.sha1(p.encode()).hexdigest()                   # the rule, computed here
+    by_hash = sorted([min('d1.png', 'd2.png', key=h), 'k1.png', 'k2.png', 'k3.png', 'sub/k4.png'], key=h)
+    for name in ('a', 'b'):
+        test = [json.loads(l) for l in open(tmp_path / f'{name}_test.jsonl')]
+        train = [json.loads(l) for l in open(tmp_path / f'{name}_train.jsonl')]
+        assert [r['image'] for r in test] == by_hash[:2] and [r['image'] for r in train] == by_hash[2:]
+    row = next(r for r in test + train if r['image'] == 'sub/k4.png')
+    assert row == {'prompt': 'the fourth kept caption has eight words', 'id': 'sub_k4.png', 'image': 'sub/k4.png'}
+    assert sample.read_prompts(str(tmp_path / 'a_train.jsonl'))[0]['id'] == train[0]['id']   # readable by sample.py
+    print(data_prep.format_summary(s))
+
+
+def test_import_formats_and_ocr(tmp_path):
+    (tmp_path / 'p.txt').write_text('a red dog\n\na blue cat\n')
+    assert data_prep.import_prompts(str(tmp_path / 'p.txt')) == [{'prompt': 'a red dog', 'id': '0'},
+                                                                  {'prompt': 'a blue cat', 'id': '1'}]
+    (tmp_path / 'p.jsonl').write_text(json.dumps({'caption': 'a long caption', 'source': 'x'}) + '\n')
+    assert data_prep.import_prompts(str(tmp_path / 'p.jsonl')) == [{'source': 'x', 'prompt': 'a long caption', 'id': '0'}]
+    (tmp_path / 'g.jsonl').write_text(json.dumps({'tag': 'colors', 'include': [], 'prompt': 'a red cup'}) + '\n')
+    assert data_prep.import_prompts(str(tmp_path / 'g.jsonl'))[0] == {'tag': 'colors', 'include': [], 'prompt': 'a red cup',
+                                                                      'id': '0'}
+    (tmp_path / 'p.csv').write_text('id,caption\nx1,"a cat, sitting"\nx2,a dog\n')
+    assert data_prep.import_prompts(str(tmp_path / 'p.csv')) == [{'id': 'x1', 'prompt': 'a cat, sitting'},
+                                                                  {'id': 'x2', 'prompt': 'a dog'}]
+    (tmp_path / 'o.txt').write_text('A poster titled "SUMMER SALE" with the line \u201cup to 50% off\u201d, '
+                                    '"shop now" and "free delivery"\nno quotes here\n')
+    rows = data_prep.import_prompts(str(tmp_path / 'o.txt'), ocr=True)
+    assert json.loads(rows[0]['label']) == {'main_title': ['SUMMER SALE'], 'subtitle': ['up to 50% off'],
+                                            'selling_points': [], 'other_text': ['shop now', 'free delivery']}
+    assert rows[0]['label'] == reward.ocr_label(json.loads(rows[0]['label']))          # canonical form
+    assert rows[0]['query'] == reward.OCR_QUERY and json.loads(rows[1]['label'])['main_title'] == []
+    for bad, msg in (('q.json', 'unknown prompt file type'), ('missing.txt', 'not found')):
+        if bad.endswith('.json'):
+            (tmp_path / bad).write_text('{}')
+        with pytest.raises((ValueError, FileNotFoundError), match=msg):
+            data_prep.import_prompts(str(tmp_path / bad))
+    (tmp_path / 'n.jsonl').write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="row 0 has no"):
+        data_prep.import_prompts(str(tmp_path / 'n.jsonl'))
+
+
+def test_import_densealignbench_metadata(tmp_path):
+    src = os.path.join(SHARED, 'densealignbench_metadata.jsonl')
+    if not os.path.isfile(src):
+        pytest.skip("../shared/data/densealignbench_metadata.jsonl not present")
+    head = tmp_path / 'dab.jsonl'
+    lines = open(src, encoding='utf-8').read().splitlines()[:3]
+    head.write_text('\n'.join(lines) + '\n')
+    rows = data_prep.import_prompts(str(head))
+    assert [r['prompt'] for r in rows] == [json.loads(l)['caption'].strip() for l in lines]
+    assert [r['id'] for r in rows] == ['0', '1', '2']
+
+
+def test_cli_import_and_clear_errors(tmp_path):
+    (tmp_path / 'p.txt').write_text('a red dog\n')
+    run = lambda *a: subprocess.run([sys.executable, *a], cwd=HERE, capture_output=True, text=True)
+    r = run('data_prep.py', 'import', str(tmp_path / 'p.txt'), '--out', str(tmp_path / 'o' / 'p.jsonl'))
+    assert r.returncode == 0 and sample.read_prompts(str(tmp_path / 'o' / 'p.jsonl')) == [{'prompt': 'a red dog', 'id': '0'}]
+    r = run('data_prep.py', 'caption', str(tmp_path / 'nope'), '--vlm', 'x', '--out', str(tmp_path / 'c.jsonl'))
+    assert r.returncode != 0 and 'image folder' in r.stderr and 'Traceback' not in r.stderr
+    r = run('eval.py', 'densealign', '--prompts', str(tmp_path / 'p.txt'), '--base', str(tmp_path / 'nope'),
+            '--lora', str(tmp_path / 'missing.safetensors'), '--judge', 'http://127.0.0.1:1/v1', '--judge_model', 'm',
+            '--out', str(tmp_path / 'e'))
+    assert r.returncode != 0 and 'LoRA file' in r.stderr and 'Traceback' not in r.stderr
+    r = run('eval.py', 'export', '--bench', 'geneval', '--prompts', str(tmp_path / 'none.jsonl'), '--model', 'x',
+            '--out', str(tmp_path / 'g'))
+    assert r.returncode != 0 and 'not found' in r.stderr and 'Traceback' not in r.stderr

@@ -201,7 +201,8 @@ config = {k: globals()[k] for k in config_keys}
 # DDP: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (multi-node: its own rendezvous)
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    import datetime                                           # long: rank 0 alone runs the eval / sample grid
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo', timeout=datetime.timedelta(hours=2))
     rank, local_rank, world = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
     if device.startswith('cuda'):
         device = f'cuda:{local_rank}'
@@ -273,6 +274,8 @@ if resume:
     for p in params:
         p.data = p.data.float()
     optimizer.load_state_dict(state['optimizer'])
+    for g in optimizer.param_groups:                          # --lr / --weight_decay given now win over the checkpoint
+        g['lr'], g['weight_decay'] = lr, weight_decay
     for e, s in zip(ema, state['ema']):
         e.copy_(s)
     rng = state['rng'][rank] if rank < len(state['rng']) else state['rng'][0]
@@ -302,8 +305,11 @@ def evaluate(step):
     if not eval_rows or not master:
         return out
     m.transformer.eval()
-    imgs, _ = sample.generate(m, [r['prompt'] for r in eval_rows], [rank_seed(seed, 99, i) for i in range(len(eval_rows))],
-                              rollout_steps, rollout_cfg, resolution, resolution, negative_prompt, rollout_batch)
+    move(m.text_encoder, device); move(m.vae, device)
+    with autocast:
+        imgs, _ = sample.generate(m, [r['prompt'] for r in eval_rows], [rank_seed(seed, -1, i) for i in range(len(eval_rows))],
+                                  rollout_steps, rollout_cfg, resolution, resolution, negative_prompt, rollout_batch)
+    move(m.text_encoder, device if text_encoder_on_gpu else 'cpu'); move(m.vae, device if vae_on_gpu else 'cpu')
     if metric is not None:
         out['eval_metric'] = float(np.mean([metric(a, r['prompt']) for a, r in zip(sample.to_uint8(imgs), eval_rows)]))
     if vlm_model is not None:
@@ -411,9 +417,11 @@ for it in range(it0, max_iters):
                         if ema_beta > 0:                                        # EMA weights swapped in and out
                             for p, e in zip(params, ema):
                                 p.data, e.data = e.data, p.data
+                            torch.clear_autocast_cache()                    # else autocast reuses the old casts
                             v_ema = sample.velocity(m, x_sig.to(ptdtype), sig, cb)
                             for p, e in zip(params, ema):
                                 p.data, e.data = e.data, p.data
+                            torch.clear_autocast_cache()
                 loss, terms = awm.awm_loss(v, v_tgt, adv[mb].repeat_interleave(T), v_ref, v_ema, beta, ema_beta, clip_range)
                 (loss / accum).backward()
                 stats.append({k: x.item() for k, x in terms.items()} | {'loss': loss.item()})
@@ -451,8 +459,11 @@ for it in range(it0, max_iters):
         row |= {k + '_base': v for k, v in first_eval.items()}
     if master and sample_every and (it + 1) % sample_every == 0:
         fixed = (eval_rows or train_rows)[:4]
-        imgs, _ = sample.generate(m, [r['prompt'] for r in fixed for _ in range(2)], list(range(8)), rollout_steps,
-                                  rollout_cfg, resolution, resolution, negative_prompt, rollout_batch)
+        move(m.text_encoder, device); move(m.vae, device)
+        with autocast:
+            imgs, _ = sample.generate(m, [r['prompt'] for r in fixed for _ in range(2)], list(range(8)), rollout_steps,
+                                      rollout_cfg, resolution, resolution, negative_prompt, rollout_batch)
+        move(m.text_encoder, device if text_encoder_on_gpu else 'cpu'); move(m.vae, device if vae_on_gpu else 'cpu')
         os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
         sample.save_png(sample.grid(imgs, 4), os.path.join(out_dir, 'samples', f'iter_{it + 1:05d}.png'))
 
