@@ -88,7 +88,7 @@ def test_interval_on_known_counts():
     mean = 0.3                                                            # (60 - 30) / 100
     sd = math.sqrt((60 * (1 - mean) ** 2 + 30 * (-1 - mean) ** 2 + 10 * mean ** 2) / 99)
     assert np.allclose(res['ci95_pp'], [100 * (mean - 1.96 * sd / 10), 100 * (mean + 1.96 * sd / 10)])
-    assert np.allclose(res['ci95_pp'], [12.60, 47.40], atol=0.01)          # sd = 0.8876...: +-17.40 pp
+    assert np.allclose(res['ci95_pp'], [12.27, 47.73], atol=0.01)          # sum sq 81, sd 0.9045: +-17.73 pp
     empty = ev.summarize([None, None])
     assert empty['net_pp'] is None and empty['invalid'] == 2 and empty['win_rate'] is None
 

@@ -263,6 +263,8 @@ it0, log_rows = 0, []
 ckpt_dir = os.path.join(out_dir, 'ckpt')
 log_path = os.path.join(out_dir, 'log.jsonl')
 if resume:
+    if not os.path.isdir(ckpt_dir) and os.path.isdir(ckpt_dir + '.old'):   # killed between the two renames
+        os.replace(ckpt_dir + '.old', ckpt_dir)
     if not os.path.isfile(os.path.join(ckpt_dir, 'state.pt')):
         sys.exit(f"--resume: no checkpoint in {ckpt_dir}")
     state = torch.load(os.path.join(ckpt_dir, 'state.pt'), weights_only=True, map_location='cpu')
@@ -483,12 +485,12 @@ for it in range(it0, max_iters):
                           os.path.join(tmp, 'transformer.safetensors'))
             torch.save({'step': it + 1, 'optimizer': optimizer.state_dict(), 'ema': ema, 'rng': rngs},
                        os.path.join(tmp, 'state.pt'))
+            import shutil
+            shutil.rmtree(ckpt_dir + '.old', ignore_errors=True)                 # a leftover from a killed rmtree
             if os.path.isdir(ckpt_dir):
                 os.replace(ckpt_dir, ckpt_dir + '.old')
             os.replace(tmp, ckpt_dir)                                           # the only moment the ckpt changes
-            if os.path.isdir(ckpt_dir + '.old'):
-                import shutil
-                shutil.rmtree(ckpt_dir + '.old')
+            shutil.rmtree(ckpt_dir + '.old', ignore_errors=True)
     times['t_ckpt'] = time.time() - t
     row |= times
     row['img_per_s'] = N / max(sum(times.values()), 1e-9)
