@@ -236,13 +236,14 @@ def generate_text(model, processor, images, texts, temperature=0.0, max_new_toke
     return [processor.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out[:, enc['input_ids'].shape[1]:]]
 
 
-def local_judge(vlm_dir, device='cpu', dtype=torch.float32, seed=0):
+def local_judge(vlm_dir, device='cpu', dtype=torch.float32, seed=0, max_new_tokens=JUDGE_MAX_NEW_TOKENS):
     """A judge from a local transformers VLM: both images in one user turn, sampled at JUDGE_TEMPERATURE."""
     model, proc = reward.load_vlm(vlm_dir, device, dtype)
     torch.manual_seed(seed)
 
     def judge(prompt, img_a, img_b):
-        return generate_text(model, proc, [[img_a, img_b]], [JUDGE_PROMPT.format(prompt=prompt)], JUDGE_TEMPERATURE)[0]
+        return generate_text(model, proc, [[img_a, img_b]], [JUDGE_PROMPT.format(prompt=prompt)], JUDGE_TEMPERATURE,
+                             max_new_tokens)[0]
     return judge
 
 

@@ -145,7 +145,7 @@ def test_http_judge_on_loopback_with_retries(monkeypatch):
 
 
 def test_local_judge_counts_malformed_as_invalid(vlm_dir, tmp_path):
-    judge = ev.local_judge(vlm_dir('qwen3'))                              # a random tiny VLM: it babbles
+    judge = ev.local_judge(vlm_dir('qwen3'), max_new_tokens=12)           # a random tiny VLM: it babbles
     assert isinstance(judge('a red dog', _img(0), _img(255)), str)
     recs = ev.judge_pairs(_rows(2), lambda i: _img(0), lambda i: _img(255), judge, str(tmp_path), seed=0)
     for r in recs:                                                        # never dropped: counted, every answer kept

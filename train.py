@@ -309,7 +309,7 @@ def evaluate(step):
     m.transformer.eval()
     move(m.text_encoder, device); move(m.vae, device)
     with autocast:
-        imgs, _ = sample.generate(m, [r['prompt'] for r in eval_rows], [rank_seed(seed, -1, i) for i in range(len(eval_rows))],
+        imgs, _ = sample.generate(m, [r['prompt'] for r in eval_rows], [rank_seed(seed, 0, i, 7) for i in range(len(eval_rows))],
                                   rollout_steps, rollout_cfg, resolution, resolution, negative_prompt, rollout_batch)
     move(m.text_encoder, device if text_encoder_on_gpu else 'cpu'); move(m.vae, device if vae_on_gpu else 'cpu')
     if metric is not None:
