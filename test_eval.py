@@ -1,6 +1,8 @@
 """Tests of eval.py and data_prep.py: judge bookkeeping, answer parsing, intervals, benchmark layouts,
 resume, captioning, filtering, the split and prompt import. Tiny random models from conftest.py."""
+import base64
 import hashlib
+import io
 import json
 import math
 import os
@@ -136,7 +138,7 @@ def test_http_judge_on_loopback_with_retries(monkeypatch):
     assert body['temperature'] == 0.3 and body['model'] == 'judge-model'
     parts = body['messages'][0]['content']
     assert [q['type'] for q in parts] == ['text', 'image_url', 'image_url'] and 'a red dog' in parts[0]['text']
-    sent = Image.open(__import__('io').BytesIO(__import__('base64').b64decode(parts[2]['image_url']['url'].split(',')[1])))
+    sent = Image.open(io.BytesIO(base64.b64decode(parts[2]['image_url']['url'].split(',')[1])))
     assert sent.getpixel((0, 0)) == (255, 255, 255)                       # image_b is the second image
     with pytest.raises(ValueError, match='judge_model'):
         ev.make_judge('http://127.0.0.1:1/v1')
@@ -150,7 +152,11 @@ def test_local_judge_counts_malformed_as_invalid(vlm_dir, tmp_path):
     recs = ev.judge_pairs(_rows(2), lambda i: _img(0), lambda i: _img(255), judge, str(tmp_path), seed=0)
     for r in recs:                                                        # never dropped: counted, every answer kept
         assert (r['preference'] is None) == (r['outcome'] is None)
-        assert len(r['answers']) == (1 + ev.JUDGE_RETRIES if r['preference'] is None else len(r['answers']))
+        parsed = [ev.parse_judgement(a) for a in r['answers']]
+        if r['preference'] is None:                                       # asked 1 + RETRIES times, all malformed
+            assert parsed == [None] * (1 + ev.JUDGE_RETRIES)
+        else:                                                             # asked until the first valid answer
+            assert parsed[-1] == r['preference'] and all(p is None for p in parsed[:-1])
     res = ev.summarize([r['outcome'] for r in recs])
     assert res['invalid'] == sum(r['preference'] is None for r in recs) and res['n'] == 2
 

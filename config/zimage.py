@@ -2,7 +2,7 @@
 out_dir = 'out/zimage'
 model = 'Tongyi-MAI/Z-Image'          # or a local diffusers directory
 vlm = 'Qwen/Qwen3-VL-32B-Instruct'    # the paper's reward VLM; Qwen3-VL-8B-Instruct also works (weaker)
-prompts = 'data/captions_train.jsonl' # made by: python data_prep.py caption ...
+prompts = 'data/captions_train.jsonl' # made by: python data_prep.py caption IMAGES --vlm DIR --out data/captions.jsonl
 prompts_per_iter = 32
 images_per_prompt = 8
 rollout_steps = 30
