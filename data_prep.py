@@ -45,18 +45,6 @@ def list_images(root):
                   for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXT))
 
 
-def read_jsonl(path):
-    """Rows of a jsonl we append to. A last line cut off by a kill is dropped (and cut from the file)."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, 'rb') as f:
-        data = f.read()
-    if data and not data.endswith(b'\n'):                 # a partial last line: cut it, so appends stay valid
-        data = data[:data.rfind(b'\n') + 1]
-        with open(path, 'r+b') as f:
-            f.truncate(len(data))
-    return [json.loads(l) for l in data.decode('utf-8').splitlines() if l.strip()]
-
 
 def write_jsonl(rows, path):
     """Atomic jsonl write (temp file + os.replace)."""
@@ -91,7 +79,7 @@ def caption_folder(root, raw_path, caption_fn, batch=BATCH):
     for an unreadable file (listed, not fatal; delete its line to retry it). Written and flushed per batch,
     so a killed run loses at most one batch. caption_fn(list of PIL) -> list of str. Returns the new rows."""
     from tqdm import tqdm
-    done = {r['image'] for r in read_jsonl(raw_path)}
+    done = {r['image'] for r in reward.read_jsonl(raw_path)}
     todo = [p for p in list_images(root) if p not in done]
     os.makedirs(os.path.dirname(os.path.abspath(raw_path)), exist_ok=True)
     new = []
@@ -139,7 +127,7 @@ def filter_split(raw_path, out_stem, min_words=MIN_WORDS, max_words=MAX_WORDS, t
     which copy stays does not depend on file order). Test = the kept rows with the test_size smallest
     path hashes; both files are in hash order. Returns the summary (also OUT_summary.json)."""
     rows = {}
-    for r in read_jsonl(raw_path):
+    for r in reward.read_jsonl(raw_path):
         rows[r['image']] = r                                   # the last row of an image counts
     why = {'unreadable': 0, 'too_short': 0, 'too_long': 0, 'duplicate': 0}
     kept, seen = [], set()

@@ -75,18 +75,6 @@ REWARD_CHUNK = 32          # image pairs loaded per PromptEcho reward call (--vl
 # -----------------------------------------------------------------------------
 # small file helpers
 
-def read_jsonl(path):
-    """Rows of a jsonl we append to. A last line cut off by a kill is dropped (and cut from the file)."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, 'rb') as f:
-        data = f.read()
-    if data and not data.endswith(b'\n'):                 # a partial last line: cut it, so appends stay valid
-        data = data[:data.rfind(b'\n') + 1]
-        with open(path, 'r+b') as f:
-            f.truncate(len(data))
-    return [json.loads(l) for l in data.decode('utf-8').splitlines() if l.strip()]
-
 
 def append_jsonl(path, rows):
     with open(path, 'a', encoding='utf-8') as f:
@@ -194,7 +182,7 @@ def judge_pairs(rows, base_image, trained_image, judge_fn, out_dir, seed=0):
     from tqdm import tqdm
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, 'judgements.jsonl')
-    done = {str(r['id']): r for r in read_jsonl(path)}
+    done = {str(r['id']): r for r in reward.read_jsonl(path)}
     rng = random.Random(seed)
     records = []
     for row in tqdm(rows, desc='judging', disable=len(done) >= len(rows)):
@@ -364,7 +352,7 @@ def densealign_rewards(rows, out_dir, vlm, device, dtype):
     """Per-item PromptEcho rewards of both images (OUT/rewards.jsonl, resumable) -> means and paired difference."""
     from tqdm import tqdm
     path = os.path.join(out_dir, 'rewards.jsonl')
-    done = {str(r['id']): r for r in read_jsonl(path)}
+    done = {str(r['id']): r for r in reward.read_jsonl(path)}
     todo = [(n, r) for n, r in zip(unique_names(rows), rows) if str(r['id']) not in done]
     if todo:
         vm, vp = reward.load_vlm(vlm, device, dtype)
@@ -413,7 +401,7 @@ def run_densealign(rows, out_dir, base, lora='', base_lora='', judge='', judge_m
         write_json(settings, sp)
     names = dict(zip((str(r['id']) for r in rows), unique_names(rows)))
     made = densealign_images(rows, out_dir, base, lora, base_lora, steps, cfg, size, seed, device, dtype, batch)
-    done = {str(r['id']) for r in read_jsonl(os.path.join(out_dir, 'judgements.jsonl'))}
+    done = {str(r['id']) for r in reward.read_jsonl(os.path.join(out_dir, 'judgements.jsonl'))}
     if judge_fn is None and any(str(r['id']) not in done for r in rows):
         judge_fn = make_judge(judge, judge_model, device, dtype, seed)
     img = lambda side: lambda i: Image.open(os.path.join(out_dir, 'images', side, f'{names[str(i)]}.png')).convert('RGB')

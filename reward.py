@@ -272,6 +272,19 @@ def infer_score(model, processor, images, prompts, temperature=0.7, max_new_toke
     return torch.tensor(scores, dtype=torch.float32), answers
 
 
+def read_jsonl(path):
+    """(Shared by eval.py and data_prep.py.) Rows of a jsonl we append to. A last line cut off by a kill is dropped (and cut from the file)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, 'rb') as f:
+        data = f.read()
+    if data and not data.endswith(b'\n'):                 # a partial last line: cut it, so appends stay valid
+        data = data[:data.rfind(b'\n') + 1]
+        with open(path, 'r+b') as f:
+            f.truncate(len(data))
+    return [json.loads(l) for l in data.decode('utf-8').splitlines() if l.strip()]
+
+
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':
     ap = argparse.ArgumentParser(description="Score an image with the PromptEcho reward and show the least likely tokens")
