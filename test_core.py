@@ -449,8 +449,9 @@ def test_train_two_processes_equal_one(tiny_run, tmp_path):
     run_train(tiny_run(out_dir=two, micro_batch=1), nproc=2)      # 2 ranks: 2 micro-steps each, grads averaged
     a, b = lora_of(one), lora_of(two)
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+    for k in a:  # Adam moves each weight by ~lr = 1e-3 per step, so a wrong gradient shows at >= 1e-4;
+        # summation order across ranks differs in float32 and Adam's 1/sqrt(v) amplifies it to ~1e-5
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=0), (k, (a[k] - b[k]).abs().max())
     r1 = [json.loads(l)['reward_mean'] for l in open(os.path.join(one, 'log.jsonl'))]
     r2 = [json.loads(l)['reward_mean'] for l in open(os.path.join(two, 'log.jsonl'))]
     assert np.allclose(r1, r2, atol=1e-6)                         # the same rollouts, drawn on other ranks
