@@ -62,16 +62,9 @@ def image_id(relpath):
 # -----------------------------------------------------------------------------
 # captioning
 
-@torch.no_grad()
 def vlm_captions(model, processor, images, query=reward.QUERY, max_new_tokens=MAX_NEW_TOKENS):
     """Greedy captions of PIL images; the user turn is [image] + query, as in the reward."""
-    text = processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': query}]}],
-                                         tokenize=False, add_generation_prompt=True)
-    enc = processor(text=[text] * len(images), images=images, return_tensors='pt', padding=True, padding_side='left',
-                    images_kwargs={'size': {'shortest_edge': 28 * 28, 'longest_edge': reward.MAX_PIXELS}})
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens)
-    return [processor.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out[:, enc['input_ids'].shape[1]:]]
+    return reward.generate_text(model, processor, [[im] for im in images], [query] * len(images), 0.0, max_new_tokens)
 
 
 def caption_folder(root, raw_path, caption_fn, batch=BATCH):

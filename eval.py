@@ -209,29 +209,14 @@ def judge_pairs(rows, base_image, trained_image, judge_fn, out_dir, seed=0):
 # -----------------------------------------------------------------------------
 # judges: judge(prompt, image_a, image_b) -> the answer text
 
-@torch.no_grad()
-def generate_text(model, processor, images, texts, temperature=0.0, max_new_tokens=JUDGE_MAX_NEW_TOKENS):
-    """One user turn per chat (its images, then its text) -> generated answers. images: a list of image
-    lists, one per chat; temperature 0 = greedy."""
-    chats = [processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image'}] * len(ims) + [
-        {'type': 'text', 'text': t}]}], tokenize=False, add_generation_prompt=True) for ims, t in zip(images, texts)]
-    enc = processor(text=chats, images=[im for ims in images for im in ims], return_tensors='pt', padding=True,
-                    padding_side='left', images_kwargs={'size': {'shortest_edge': 28 * 28,
-                                                                 'longest_edge': reward.MAX_PIXELS}})
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, **sampling)
-    return [processor.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out[:, enc['input_ids'].shape[1]:]]
-
-
 def local_judge(vlm_dir, device='cpu', dtype=torch.float32, seed=0, max_new_tokens=JUDGE_MAX_NEW_TOKENS):
     """A judge from a local transformers VLM: both images in one user turn, sampled at JUDGE_TEMPERATURE."""
     model, proc = reward.load_vlm(vlm_dir, device, dtype)
     torch.manual_seed(seed)
 
     def judge(prompt, img_a, img_b):
-        return generate_text(model, proc, [[img_a, img_b]], [JUDGE_PROMPT.format(prompt=prompt)], JUDGE_TEMPERATURE,
-                             max_new_tokens)[0]
+        return reward.generate_text(model, proc, [[img_a, img_b]], [JUDGE_PROMPT.format(prompt=prompt)],
+                                    JUDGE_TEMPERATURE, max_new_tokens)[0]
     return judge
 
 

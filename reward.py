@@ -247,6 +247,20 @@ def parse_score(text):
 
 
 @torch.no_grad()
+def generate_text(model, processor, images, texts, temperature=0.0, max_new_tokens=64, max_pixels=MAX_PIXELS):
+    """One user turn per chat (its images, then its text) -> generated answers (strings).
+    images: a list of image lists, one per chat; temperature 0 = greedy. Shared by InferScore, the
+    eval.py judge and data_prep.py's captioner."""
+    chats = [processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image'}] * len(ims) + [
+        {'type': 'text', 'text': t}]}], tokenize=False, add_generation_prompt=True) for ims, t in zip(images, texts)]
+    enc = processor(text=chats, images=[im for ims in images for im in ims], return_tensors='pt', padding=True,
+                    padding_side='left', images_kwargs={'size': {'shortest_edge': 28 * 28, 'longest_edge': max_pixels}})
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, **sampling)
+    return [processor.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out[:, enc['input_ids'].shape[1]:]]
+
+
 def infer_score(model, processor, images, prompts, temperature=0.7, max_new_tokens=16, max_batch=MAX_BATCH,
                 max_pixels=MAX_PIXELS, generator_seed=0):
     """InferScore (the paper's ablation baseline): the VLM generates a 0-10 rating, which is parsed.
@@ -255,21 +269,12 @@ def infer_score(model, processor, images, prompts, temperature=0.7, max_new_toke
     images = to_pil(images)
     prompts = _as_list(prompts, len(images), 'prompts')
     torch.manual_seed(generator_seed)
-    scores, answers = [], []
+    answers = []
     for i in range(0, len(images), max_batch):
-        ims, ps = images[i:i + max_batch], prompts[i:i + max_batch]
-        texts = [processor.apply_chat_template(
-            [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': INFER_QUERY.format(prompt=p)}]}],
-            tokenize=False, add_generation_prompt=True) for p in ps]
-        enc = processor(text=texts, images=ims, return_tensors='pt', padding=True, padding_side='left',
-                        images_kwargs={'size': {'shortest_edge': 28 * 28, 'longest_edge': max_pixels}})
-        enc = {k: v.to(model.device) for k, v in enc.items()}
-        out = model.generate(**enc, do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens)
-        for row in out[:, enc['input_ids'].shape[1]:]:
-            a = processor.tokenizer.decode(row, skip_special_tokens=True)
-            answers.append(a)
-            scores.append(parse_score(a))
-    return torch.tensor(scores, dtype=torch.float32), answers
+        answers += generate_text(model, processor, [[im] for im in images[i:i + max_batch]],
+                                 [INFER_QUERY.format(prompt=p) for p in prompts[i:i + max_batch]],
+                                 temperature, max_new_tokens, max_pixels)
+    return torch.tensor([parse_score(a) for a in answers], dtype=torch.float32), answers
 
 
 def read_jsonl(path):
