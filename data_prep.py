@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 
 import torch
 from PIL import Image
@@ -118,7 +119,10 @@ def filter_split(raw_path, out_stem, min_words=MIN_WORDS, max_words=MAX_WORDS, t
     Drops, in this order: unreadable images, captions outside [min_words, max_words] words, exact duplicates
     of a caption already kept (after stripping outer whitespace; rows are visited in path-hash order, so
     which copy stays does not depend on file order). Test = the kept rows with the test_size smallest
-    path hashes; both files are in hash order. Returns the summary (also OUT_summary.json)."""
+    path hashes; both files are in hash order. When the corpus grows, the test threshold can only fall:
+    old test rows may move to train, but no old train row ever moves to test, so a model trained on an
+    earlier train split is never tested on its own training captions. Returns the summary (also
+    OUT_summary.json)."""
     rows = {}
     for r in reward.read_jsonl(raw_path):
         rows[r['image']] = r                                   # the last row of an image counts
@@ -139,9 +143,9 @@ def filter_split(raw_path, out_stem, min_words=MIN_WORDS, max_words=MAX_WORDS, t
         else:
             seen.add(cap)
             kept.append({'prompt': cap, 'id': image_id(r['image']), 'image': r['image']})
-    ids = [r['id'] for r in kept]
+    n_id = Counter(r['id'] for r in kept)
     for r in kept:                                             # two paths that map to one id: disambiguate
-        if ids.count(r['id']) > 1:
+        if n_id[r['id']] > 1:
             r['id'] += '-' + split_hash(r['image'])[:8]
     test, train = kept[:test_size], kept[test_size:]
     write_jsonl(train, out_stem + '_train.jsonl')

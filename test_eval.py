@@ -388,6 +388,16 @@ def test_filter_split_reasons_and_hash_split(tmp_path):
     print(data_prep.format_summary(s))
 
 
+def test_split_of_a_growing_corpus_never_moves_train_to_test(tmp_path):
+    caps = lambda n: [{'image': f'{i}.png', 'caption': f'caption number {i} of the corpus'} for i in range(n)]
+    split = {}
+    for n in (40, 400):                                                   # v1, then the corpus grows tenfold
+        (tmp_path / f'{n}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in caps(n)))
+        data_prep.filter_split(str(tmp_path / f'{n}.jsonl'), str(tmp_path / f'v{n}'), 1, 100, test_size=10)
+        split[n] = [{r['image'] for r in map(json.loads, open(tmp_path / f'v{n}_{part}.jsonl'))} for part in ('train', 'test')]
+    assert len(split[400][1]) == 10 and not split[40][0] & split[400][1]
+
+
 def test_import_formats_and_ocr(tmp_path):
     (tmp_path / 'p.txt').write_text('a red dog\n\na blue cat\n')
     assert data_prep.import_prompts(str(tmp_path / 'p.txt')) == [{'prompt': 'a red dog', 'id': '0'},

@@ -1,5 +1,6 @@
 """
-The toy world (the shakespeare_char of promptecho): scenes of 1-4 coloured shapes on white,
+The toy world (the shakespeare_char of promptecho): scenes of 1-4 coloured shapes on white, one per
+cell of a 2 x 2 layout (so the difficulty is composition: counts, colour-shape binding, relations),
 small enough to run text-to-image RL on a laptop CPU. This part holds the SCENE side:
 sampling, rendering, a caption grammar whose captions are TRUE of their scene, a parser,
 a pixel-only detector and the scorer built on both.
@@ -27,7 +28,9 @@ IMAGE_SIZE = 64                 # images are (IMAGE_SIZE, IMAGE_SIZE, 3) uint8
 BACKGROUND = (255, 255, 255)    # white
 COLORS = {'red': (220, 30, 30), 'green': (30, 170, 50), 'blue': (30, 60, 220), 'yellow': (240, 200, 20)}
 SHAPES = ('circle', 'square', 'triangle')
-R_MIN, R_MAX = 7.0, 11.0        # circumradius range, px
+GRID = 2                        # objects sit in the cells of a GRID x GRID layout (one per cell) ...
+JITTER = 2.0                    # ... at the cell centre +- JITTER px: composition, not placement, is the task
+R_MIN, R_MAX = 9.0, 11.5        # circumradius range, px (fits a 32 px cell with the jitter and EDGE)
 MAX_OBJECTS = 4
 GAP = 3.0                       # min px between two objects' circumcircles: objects never touch
 EDGE = 2.0                      # min px between a circumcircle and the border (room for +-2 px jitter)
@@ -39,7 +42,8 @@ MAX_OFF_AXIS = 0.7              # ... and its colour is within atan(0.7) = 35 de
 MIN_AREA = 20                   # smaller components (px at 64x64) are noise
 # relations and caption grammar
 RELATIONS = ('left', 'right', 'above', 'below')
-REL_SLACK = 3.0                 # px margin a relation must hold by before a caption states it
+REL_SLACK = 8.0                 # px margin a relation must hold by before a caption states it (> 4 JITTER:
+                                # two diagonal cells never qualify, two cells of a row or column always do)
 P_RELATION = 0.5                # chance a caption states a relation (when one is available)
 P_TOTAL = 0.25                  # chance a caption says the total ("three shapes: ...")
 MAX_WORDS = 20                  # captions have at most this many words (punctuation not counted)
@@ -60,21 +64,17 @@ VOCAB = sorted({w for p in _phrases for w in p.split()} | {w for ws in NUMBER_WO
 # scenes and rendering
 
 def random_scene(rng, n_objects=None):
-    """A list of non-overlapping objects {'shape', 'color', 'x', 'y', 'r'} inside the canvas."""
+    """A list of 1..MAX_OBJECTS objects {'shape', 'color', 'x', 'y', 'r'}, each in its own grid cell."""
     n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
-    assert 1 <= n <= MAX_OBJECTS, n
-    while True:  # rejection sampling; start over in the rare case the objects do not fit
-        scene = []
-        for _ in range(100 * n):
-            if len(scene) == n:
-                break
-            r = rng.uniform(R_MIN, R_MAX)
-            x, y = rng.uniform(r + EDGE, IMAGE_SIZE - 1 - r - EDGE, size=2)
-            shape, color = _pick(rng, SHAPES), _pick(rng, list(COLORS))
-            if all(np.hypot(x - o['x'], y - o['y']) >= r + o['r'] + GAP for o in scene):
-                scene.append(dict(shape=shape, color=color, x=float(x), y=float(y), r=float(r)))
-        if len(scene) == n:
-            return scene
+    assert 1 <= n <= MAX_OBJECTS <= GRID ** 2, n
+    cell = IMAGE_SIZE / GRID
+    scene = []
+    for k in rng.permutation(GRID ** 2)[:n]:
+        cx, cy = (k % GRID + 0.5) * cell - 0.5, (k // GRID + 0.5) * cell - 0.5   # pixel centres: 15.5, 47.5
+        x, y = np.array([cx, cy]) + rng.uniform(-JITTER, JITTER, size=2)
+        shape, color = _pick(rng, SHAPES), _pick(rng, list(COLORS))
+        scene.append(dict(shape=shape, color=color, x=float(x), y=float(y), r=float(rng.uniform(R_MIN, R_MAX))))
+    return scene
 
 def _pick(rng, seq):
     return seq[int(rng.integers(len(seq)))]
@@ -371,7 +371,8 @@ def augment(image, rng):
 TOY_DIR = 'out/toy'             # where prepare() writes models and prompt files
 N_TRAIN, N_HELDOUT = 2000, 200  # RL prompts / held-out prompts (disjoint meanings)
 N_PRETRAIN = 6000               # (render, caption) pairs for pretraining (held-out captions excluded)
-VAE_STEPS = 300                 # autoencoder steps (64x64 -> 16x16x4 latents)
+VAE_STEPS = 600                 # autoencoder steps (64x64 -> 16x16x4 latents), batch VAE_BATCH
+VAE_BATCH = 8                   # small batches, many steps: the detector reads 100% of reconstructions
 DIT_LR = 1e-3                   # policy learning rate (warm-up, then linear decay to 10%)
 DIT_STEPS = 2000                # policy steps: a short schedule leaves counting / binding imperfect
 VLM_STEPS = 700                 # captioner steps (the "strong" reward VLM)
@@ -446,16 +447,17 @@ def train_policy(out, pairs, steps_vae=VAE_STEPS, steps_dit=DIT_STEPS, lr=DIT_LR
     torch.manual_seed(seed)
     imgs = _images_to_tensor([p[0] for p in pairs])          # [N, 3, 64, 64]
     caps = [p[1] for p in pairs]
-    # 1. the autoencoder: 64x64x3 -> 16x16x4, reconstruction + a small KL
+    # 1. the autoencoder: 64x64x3 -> 16x16x4, trained as a plain autoencoder on the posterior mean
+    #    (sampling the posterior early in training, when its variance is still ~1, slows it down 3x)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=['DownEncoderBlock2D'] * 3,
                         up_block_types=['UpDecoderBlock2D'] * 3, block_out_channels=[16, 32, 32],
-                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64)
+                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=64,
+                        mid_block_add_attention=False)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     for step in _progress(steps_vae, 'toy VAE'):
-        x = imgs[torch.randint(len(imgs), (BATCH,))]
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        loss = (rec - x).abs().mean() + 1e-6 * post.kl().mean()
+        x = imgs[torch.randint(len(imgs), (VAE_BATCH,))]
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        loss = (rec - x).abs().mean()
         opt.zero_grad(); loss.backward(); opt.step()
     vae.eval().requires_grad_(False)
     with torch.no_grad():

@@ -259,7 +259,7 @@ neg_cond = sample.encode(m, [negative_prompt])               # the unconditional
 sigmas = sample.sigma_schedule(m, rollout_steps, resolution, resolution)  # [S + 1], 1 -> 0
 C, h, w = sample.latent_shape(m, resolution, resolution)
 
-it0, log_rows = 0, []
+it0, log_rows, skipped, base_eval = 0, [], 0, {}
 ckpt_dir = os.path.join(out_dir, 'ckpt')
 log_path = os.path.join(out_dir, 'log.jsonl')
 if resume:
@@ -284,9 +284,8 @@ if resume:
     torch.set_rng_state(rng['cpu'])
     if torch.cuda.is_available() and 'cuda' in rng:
         torch.cuda.set_rng_state(rng['cuda'])
-    it0 = state['step']
-    if os.path.isfile(log_path):
-        log_rows = [r for r in map(json.loads, open(log_path)) if r['iter'] < it0]
+    it0, skipped, base_eval = state['step'], state['skipped'], state['base_eval']
+    log_rows = [json.loads(r) for r in state['log']]            # the log as of the checkpoint: no row lost or doubled
 if master:
     n_train = sum(p.numel() for p in params)
     where = sorted({'.'.join(x for x in n.split('.lora_')[0].split('.')[-2:] if not x.isdigit() or 'out' in n)
@@ -332,8 +331,8 @@ local = list(range(rank * n_local, (rank + 1) * n_local))    # global rollout in
 steps_per_epoch = N // batch_size
 accum = batch_size // (world * micro_batch)                   # micro-steps per optimizer step per rank
 T = train_timesteps
-skipped = 0
-first_eval = evaluate(it0) if it0 == 0 or eval_every else {}
+first_eval = evaluate(it0) if it0 == 0 else {}
+base_eval = base_eval or first_eval
 for it in range(it0, max_iters):
     times = {}
     # ---------------- ROLLOUT: K images per prompt, deterministic Euler ODE, no grad
@@ -483,7 +482,8 @@ for it in range(it0, max_iters):
                 from safetensors.torch import save_file
                 save_file({k: v.contiguous() for k, v in m.transformer.state_dict().items()},
                           os.path.join(tmp, 'transformer.safetensors'))
-            torch.save({'step': it + 1, 'optimizer': optimizer.state_dict(), 'ema': ema, 'rng': rngs},
+            torch.save({'step': it + 1, 'optimizer': optimizer.state_dict(), 'ema': ema, 'rng': rngs, 'skipped': skipped,
+                        'base_eval': base_eval, 'log': [json.dumps(r) for r in log_rows + [row]]},
                        os.path.join(tmp, 'state.pt'))
             import shutil
             shutil.rmtree(ckpt_dir + '.old', ignore_errors=True)                 # a leftover from a killed rmtree
@@ -505,10 +505,10 @@ for it in range(it0, max_iters):
         if wandb_log:
             wandb.log(row, step=it)
 
-if master and first_eval and it0 == 0:                        # held-out before / after, in one file
+if master and base_eval:                                      # held-out before / after, in one file
     last = {k: v for k, v in log_rows[-1].items() if k.startswith('eval_')} if log_rows else {}
-    write_json({'base': first_eval, 'trained': last, 'iters': max_iters}, os.path.join(out_dir, 'eval_summary.json'))
-    print("held-out before -> after: " + ", ".join(f"{k} {first_eval[k]:.4f} -> {last.get(k, float('nan')):.4f}"
-                                                     for k in first_eval))
+    write_json({'base': base_eval, 'trained': last, 'iters': max_iters}, os.path.join(out_dir, 'eval_summary.json'))
+    print("held-out before -> after: " + ", ".join(f"{k} {base_eval[k]:.4f} -> {last.get(k, float('nan')):.4f}"
+                                                     for k in base_eval))
 if ddp:
     dist.destroy_process_group()
