@@ -74,6 +74,15 @@ def test_scene_geometry(data):
                 assert np.hypot(o['x'] - p['x'], o['y'] - p['y']) >= o['r'] + p['r'] + 3
     assert len(toy.random_scene(np.random.default_rng(0), n_objects=4)) == 4
 
+
+def test_scene_layout_one_object_per_cell(data):
+    cell = 64 / toy.GRID
+    for scene, *_ in data:
+        cells = [(int((o['x'] + 0.5) // cell), int((o['y'] + 0.5) // cell)) for o in scene]
+        assert len(set(cells)) == len(scene)                     # never two objects in one cell
+        for o, (i, j) in zip(scene, cells):                      # within JITTER of the cell's centre
+            assert max(abs(o['x'] - ((i + 0.5) * cell - 0.5)), abs(o['y'] - ((j + 0.5) * cell - 0.5))) <= toy.JITTER
+
 def test_render_area_colour_and_extent():
     rng = np.random.default_rng(0)
     for shape in toy.SHAPES:

@@ -374,10 +374,11 @@ N_PRETRAIN = 6000               # (render, caption) pairs for pretraining (held-
 VAE_STEPS = 600                 # autoencoder steps (64x64 -> 16x16x4 latents), batch VAE_BATCH
 VAE_BATCH = 8                   # small batches, many steps: the detector reads 100% of reconstructions
 DIT_LR = 1e-3                   # policy learning rate (warm-up, then linear decay to 10%)
-DIT_STEPS = 2000                # policy steps: a short schedule leaves counting / binding imperfect
+DIT_STEPS = 4000                # policy steps: draws clean shapes, but counting / binding stay imperfect
+DIT_BATCH = 16                  # policy batch: small batches, many steps (~7 steps/s on 2 cores)
 VLM_STEPS = 700                 # captioner steps (the "strong" reward VLM)
 VLM_WEAK_STEPS = 150            # a weaker captioner, for the stronger-VLM-helps ablation
-BATCH = 32
+BATCH = 32                      # captioner batch
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
            "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # Qwen's pre-tokenizer split: a newline is its own piece, so no BPE merge crosses the assistant header.
@@ -480,7 +481,7 @@ def train_policy(out, pairs, steps_vae=VAE_STEPS, steps_dit=DIT_STEPS, lr=DIT_LR
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * max(0.1, 1 - s / steps_dit))
     for step in _progress(steps_dit, 'toy policy'):
-        idx = torch.randint(len(caps), (BATCH,))
+        idx = torch.randint(len(caps), (DIT_BATCH,))
         text = [caps[i] if torch.rand(()) > 0.1 else '' for i in idx.tolist()]  # 10% empty: CFG
         chat = [tok.apply_chat_template([{'role': 'user', 'content': t}], tokenize=False, add_generation_prompt=True,
                                         enable_thinking=True) for t in text]
@@ -489,7 +490,7 @@ def train_policy(out, pairs, steps_vae=VAE_STEPS, steps_dit=DIT_STEPS, lr=DIT_LR
         feats = [h[m.bool()] for h, m in zip(hid, t_in.attention_mask)]
         x0 = x0_all[idx]
         eps = torch.randn_like(x0)
-        sigma = torch.sigmoid(torch.randn(BATCH))             # logit-normal noise levels
+        sigma = torch.sigmoid(torch.randn(DIT_BATCH))         # logit-normal noise levels
         s = sigma.view(-1, 1, 1, 1)
         xs = (1 - s) * x0 + s * eps                            # x_sigma
         pred = torch.stack(tr(list(xs.unsqueeze(2).unbind(0)), 1 - sigma, feats, return_dict=False)[0]).squeeze(2)
