@@ -119,9 +119,10 @@ def filter_split(raw_path, out_stem, min_words=MIN_WORDS, max_words=MAX_WORDS, t
     Drops, in this order: unreadable images, captions outside [min_words, max_words] words, exact duplicates
     of a caption already kept (after stripping outer whitespace; rows are visited in path-hash order, so
     which copy stays does not depend on file order). Test = the kept rows with the test_size smallest
-    path hashes; both files are in hash order. When the corpus grows, the test threshold can only fall:
-    old test rows may move to train, but no old train row ever moves to test, so a model trained on an
-    earlier train split is never tested on its own training captions. Returns the summary (also
+    path hashes; both files are in hash order. When the corpus only grows (no row dropped or re-captioned,
+    no new caption repeating an old one), the test threshold can only fall: old test rows may move to
+    train, but no old train row ever moves to test, so a model trained on an earlier train split is
+    never tested on its own training captions. Returns the summary (also
     OUT_summary.json)."""
     rows = {}
     for r in reward.read_jsonl(raw_path):

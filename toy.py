@@ -42,8 +42,8 @@ MAX_OFF_AXIS = 0.7              # ... and its colour is within atan(0.7) = 35 de
 MIN_AREA = 20                   # smaller components (px at 64x64) are noise
 # relations and caption grammar
 RELATIONS = ('left', 'right', 'above', 'below')
-REL_SLACK = 8.0                 # px margin a relation must hold by before a caption states it (> 4 JITTER:
-                                # two diagonal cells never qualify, two cells of a row or column always do)
+REL_SLACK = 8.0                 # px margin a relation must hold by before a caption states it (= 4 JITTER and
+                                # the test is strict: two diagonal cells never qualify, a row or column always does)
 P_RELATION = 0.5                # chance a caption states a relation (when one is available)
 P_TOTAL = 0.25                  # chance a caption says the total ("three shapes: ...")
 MAX_WORDS = 20                  # captions have at most this many words (punctuation not counted)

@@ -268,6 +268,8 @@ if resume:
     if not os.path.isfile(os.path.join(ckpt_dir, 'state.pt')):
         sys.exit(f"--resume: no checkpoint in {ckpt_dir}")
     state = torch.load(os.path.join(ckpt_dir, 'state.pt'), weights_only=True, map_location='cpu')
+    if 'log' not in state:
+        sys.exit(f"--resume: {ckpt_dir} was written by an older train.py (no log in state.pt); start a new out_dir")
     if lora_rank > 0:
         sample.load_lora(m, os.path.join(ckpt_dir, 'lora.safetensors'))
     else:
@@ -482,6 +484,7 @@ for it in range(it0, max_iters):
                 from safetensors.torch import save_file
                 save_file({k: v.contiguous() for k, v in m.transformer.state_dict().items()},
                           os.path.join(tmp, 'transformer.safetensors'))
+            row |= times                                                        # (t_ckpt is added below)
             torch.save({'step': it + 1, 'optimizer': optimizer.state_dict(), 'ema': ema, 'rng': rngs, 'skipped': skipped,
                         'base_eval': base_eval, 'log': [json.dumps(r) for r in log_rows + [row]]},
                        os.path.join(tmp, 'state.pt'))
