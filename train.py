@@ -333,8 +333,8 @@ local = list(range(rank * n_local, (rank + 1) * n_local))    # global rollout in
 steps_per_epoch = N // batch_size
 accum = batch_size // (world * micro_batch)                   # micro-steps per optimizer step per rank
 T = train_timesteps
-first_eval = evaluate(it0) if it0 == 0 else {}
-base_eval = base_eval or first_eval
+if it0 == 0:
+    base_eval = evaluate(0)                                   # held-out before RL (a resume reads it from the checkpoint)
 for it in range(it0, max_iters):
     times = {}
     # ---------------- ROLLOUT: K images per prompt, deterministic Euler ODE, no grad
@@ -458,8 +458,8 @@ for it in range(it0, max_iters):
         row[k] = v.item()
     if (eval_every and (it + 1) % eval_every == 0) or it + 1 == max_iters:
         row |= evaluate(it + 1)
-    elif it == it0 and first_eval:
-        row |= {k + '_base': v for k, v in first_eval.items()}
+    elif it == 0 and base_eval:
+        row |= {k + '_base': v for k, v in base_eval.items()}
     if master and sample_every and (it + 1) % sample_every == 0:
         fixed = (eval_rows or train_rows)[:4]
         move(m.text_encoder, device); move(m.vae, device)
