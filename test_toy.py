@@ -54,7 +54,7 @@ def data():
     rng = np.random.default_rng(1234)
     out = []
     for _ in range(N_SCENES):
-        scene = toy.random_scene(rng)
+        scene = toy.random_scene(rng, n_objects=int(rng.integers(1, toy.GRID ** 2 + 1)))  # the renderer's full range
         claims = toy.scene_claims(scene, rng)
         out.append((scene, toy.render(scene), claims, toy.verbalize(claims, rng)))
     return out
@@ -65,6 +65,8 @@ def data():
 def test_scene_geometry(data):
     sizes = Counter(len(scene) for scene, *_ in data)
     assert set(sizes) == {1, 2, 3, 4}
+    rng = np.random.default_rng(0)   # the world's own scenes: 1..MAX_OBJECTS objects
+    assert {len(toy.random_scene(rng)) for _ in range(200)} == set(range(1, toy.MAX_OBJECTS + 1))
     for scene, *_ in data:
         for i, o in enumerate(scene):
             assert o['shape'] in toy.SHAPES and o['color'] in toy.COLORS

@@ -1,6 +1,6 @@
 """
-The toy world (the shakespeare_char of promptecho): scenes of 1-4 coloured shapes on white, one per
-cell of a 2 x 2 layout (so the difficulty is composition: counts, colour-shape binding, relations),
+The toy world (the shakespeare_char of promptecho): scenes of 1-2 coloured shapes on white (the renderer takes
+up to 4), one per cell of a 2 x 2 layout (so the difficulty is composition: counts, colour-shape binding, relations),
 small enough to run text-to-image RL on a laptop CPU. This part holds the SCENE side:
 sampling, rendering, a caption grammar whose captions are TRUE of their scene, a parser,
 a pixel-only detector and the scorer built on both.
@@ -31,7 +31,7 @@ SHAPES = ('circle', 'square', 'triangle')
 GRID = 2                        # objects sit in the cells of a GRID x GRID layout (one per cell) ...
 JITTER = 2.0                    # ... at the cell centre +- JITTER px: composition, not placement, is the task
 R_MIN, R_MAX = 9.0, 11.5        # circumradius range, px (fits a 32 px cell with the jitter and EDGE)
-MAX_OBJECTS = 4
+MAX_OBJECTS = 2                 # objects per random scene: 1..MAX_OBJECTS (the layout holds up to GRID**2)
 GAP = 3.0                       # min px between two objects' circumcircles: objects never touch
 EDGE = 2.0                      # min px between a circumcircle and the border (room for +-2 px jitter)
 SUPERSAMPLE = 4                 # render at 4x4 samples per pixel, then box-average (anti-aliasing)
@@ -64,9 +64,9 @@ VOCAB = sorted({w for p in _phrases for w in p.split()} | {w for ws in NUMBER_WO
 # scenes and rendering
 
 def random_scene(rng, n_objects=None):
-    """A list of 1..MAX_OBJECTS objects {'shape', 'color', 'x', 'y', 'r'}, each in its own grid cell."""
+    """A list of n objects {'shape', 'color', 'x', 'y', 'r'} (default 1..MAX_OBJECTS), each in its own grid cell."""
     n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
-    assert 1 <= n <= MAX_OBJECTS <= GRID ** 2, n
+    assert 1 <= n <= GRID ** 2 and MAX_OBJECTS <= GRID ** 2, n
     cell = IMAGE_SIZE / GRID
     scene = []
     for k in rng.permutation(GRID ** 2)[:n]:
