@@ -498,6 +498,7 @@ def test_train_bad_config(tiny_run):
 
 
 def test_readme_table_names_exist():
+    import ast
     import importlib
     import re
     text = open(os.path.join(HERE, 'README.md')).read()
@@ -505,6 +506,12 @@ def test_readme_table_names_exist():
     assert len(refs) >= 10
     for mod, fn in refs:
         assert hasattr(importlib.import_module(mod), fn), f"README names {mod}.py:{fn}, which does not exist"
+    ranges = set(re.findall(r'`(\w+)\.py:(\w+)` \(L(\d+)-(\d+)\)', text))   # the equation table's line ranges
+    assert len(ranges) >= 10
+    for mod, fn, lo, hi in ranges:
+        defs = {n.name: (n.lineno, n.end_lineno) for n in ast.parse(open(os.path.join(HERE, mod + '.py')).read()).body
+                if isinstance(n, ast.FunctionDef)}
+        assert defs[fn] == (int(lo), int(hi)), f"README says {mod}.py:{fn} is L{lo}-{hi}, the file has L{defs[fn][0]}-{defs[fn][1]}"
 
 
 def test_reward_logits_chunking_is_exact(vlm_dir, monkeypatch):
