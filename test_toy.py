@@ -71,9 +71,9 @@ def test_scene_geometry(data):
         for i, o in enumerate(scene):
             assert o['shape'] in toy.SHAPES and o['color'] in toy.COLORS
             assert toy.R_MIN <= o['r'] <= toy.R_MAX
-            assert o['r'] + 2 <= min(o['x'], o['y']) and max(o['x'], o['y']) <= 63 - o['r'] - 2
+            assert o['r'] + toy.EDGE <= min(o['x'], o['y']) and max(o['x'], o['y']) <= 63 - o['r'] - toy.EDGE
             for p in scene[:i]:  # circumcircles at least 3 px apart: objects never touch
-                assert np.hypot(o['x'] - p['x'], o['y'] - p['y']) >= o['r'] + p['r'] + 3
+                assert np.hypot(o['x'] - p['x'], o['y'] - p['y']) >= o['r'] + p['r'] + toy.GAP
     assert len(toy.random_scene(np.random.default_rng(0), n_objects=4)) == 4
 
 

@@ -34,6 +34,8 @@ R_MIN, R_MAX = 9.0, 11.5        # circumradius range, px (fits a 32 px cell with
 MAX_OBJECTS = 2                 # objects per random scene: 1..MAX_OBJECTS (the layout holds up to GRID**2)
 GAP = 3.0                       # min px between two objects' circumcircles: objects never touch
 EDGE = 2.0                      # min px between a circumcircle and the border (room for +-2 px jitter)
+assert (IMAGE_SIZE / GRID / 2 - 0.5 - JITTER - R_MAX >= EDGE and  # the layout keeps both margins
+        IMAGE_SIZE / GRID - 2 * (JITTER + R_MAX) >= GAP)
 SUPERSAMPLE = 4                 # render at 4x4 samples per pixel, then box-average (anti-aliasing)
 AREA_FACTOR = {'circle': np.pi, 'square': 2.0, 'triangle': 3 * np.sqrt(3) / 4}  # area = f * r^2
 # detector
