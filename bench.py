@@ -59,6 +59,17 @@ def bench_rollout(tmp, family):
             'target': '<= 0.8'}
 
 
+def bench_qwen_decode(tmp):
+    """Where Qwen-Image's rollout time went: its causal video VAE decoding one frame vs our 2D decode."""
+    vae = sample.load_model(os.path.join(tmp, 'qwenimage')).vae
+    z = torch.randn(N_IMAGES, vae.config.z_dim, SIZE // 8, SIZE // 8)
+    with torch.no_grad():
+        t_video = best(lambda: vae.decode(z[:, :, None]))
+        t_frame = best(lambda: sample.qwen_vae_decode_frame(vae, z))
+    return {'phase': 'Qwen-Image VAE: single-frame decode vs video decode', 'ours_s': t_frame,
+            'baseline_s': t_video, 'ratio': t_frame / t_video, 'target': 'info'}
+
+
 def bench_reward():
     from PIL import Image
     import numpy as np
@@ -133,6 +144,7 @@ if __name__ == '__main__':
     with tempfile.TemporaryDirectory() as tmp:
         for fam in ('zimage', 'qwenimage'):
             rows.append(bench_rollout(tmp, fam))
+        rows.append(bench_qwen_decode(tmp))
         rows += bench_reward()
         rows += bench_update(tmp)
     print(f"{'phase':58s} {'ours':>10s} {'baseline':>10s} {'ratio':>7s}  target")

@@ -420,7 +420,8 @@ def format_table(res):
 # toy: the toy world's exact metrics (detector) and how well the reward agrees with it
 
 @torch.no_grad()
-def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, cfg=3.5, size=64, seed=0):
+def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, cfg=3.5, size=64, seed=0,
+                query=reward.QUERY):
     """Held-out accuracy of a toy policy (+ LoRA) by the exact detector, its mean PromptEcho reward, and
     the within-group agreement: over pairs of images of the same prompt whose detector scores differ,
     the fraction the reward orders the same way (what group advantages need; 0.5 = chance)."""
@@ -432,16 +433,22 @@ def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, 
     rows = sample.read_prompts(prompts_file)[:n]
     prompts = [r['prompt'] for r in rows for _ in range(k)]          # k images per prompt, fixed seeds
     imgs, _ = sample.generate(m, prompts, [seed + i for i in range(len(prompts))], steps, cfg, size, size, '', 32)
-    r = reward.promptecho_reward(vm, vp, imgs, prompts, max_batch=32).view(-1, k)         # [n, k]
+    r = reward.promptecho_reward(vm, vp, imgs, prompts, query, max_batch=32).view(-1, k)  # [n, k]
     sc = [toy.score(a, p) for a, p in zip(sample.to_uint8(imgs), prompts)]
     frac = torch.tensor([s[0] for s in sc]).view(-1, k)                                   # [n, k] claims satisfied
     correct = torch.tensor([float(s[1]) for s in sc])
-    dr = r[:, :, None] - r[:, None, :]                                                    # [n, k, k] pairs
-    df = frac[:, :, None] - frac[:, None, :]
-    pairs = df > 0                                                                        # i more correct than j
-    agree = (dr[pairs] > 0).float()
+    agree, pairs = group_agreement(r, frac)
     return {'accuracy': correct.mean().item(), 'claims': frac.mean().item(), 'reward': r.mean().item(),
-            'agreement': agree.mean().item() if len(agree) else float('nan'), 'pairs': int(pairs.sum())}
+            'agreement': agree, 'pairs': pairs}
+
+
+def group_agreement(r, score):
+    """Over pairs (i, j) of one prompt's images with score_i > score_j, the fraction with r_i > r_j
+    (ties in r count as disagreement). r, score: [n, k]. -> (rate or nan, number of pairs)."""
+    dr = r[:, :, None] - r[:, None, :]                                                    # [n, k, k]
+    pairs = (score[:, :, None] - score[:, None, :]) > 0                                   # i more correct than j
+    agree = (dr[pairs] > 0).float()
+    return (agree.mean().item() if len(agree) else float('nan')), int(pairs.sum())
 
 
 # -----------------------------------------------------------------------------
@@ -564,11 +571,12 @@ def main(a):
 
 def toy_main(a):
     res = {'base': toy_metrics(os.path.join(a.toy_dir, 'zimage'), a.vlm or os.path.join(a.toy_dir, 'vlm'),
-                               os.path.join(a.toy_dir, 'heldout.jsonl'), '', a.n, a.k, a.steps, a.cfg, a.size, a.seed)}
+                               os.path.join(a.toy_dir, 'heldout.jsonl'), '', a.n, a.k, a.steps, a.cfg, a.size, a.seed,
+                               a.query)}
     if a.lora:
         res['trained'] = toy_metrics(os.path.join(a.toy_dir, 'zimage'), a.vlm or os.path.join(a.toy_dir, 'vlm'),
                                      os.path.join(a.toy_dir, 'heldout.jsonl'), a.lora, a.n, a.k, a.steps, a.cfg,
-                                     a.size, a.seed)
+                                     a.size, a.seed, a.query)
     os.makedirs(a.out, exist_ok=True)
     write_json(res, os.path.join(a.out, 'summary.json'))
     return res
@@ -603,6 +611,7 @@ def parser():
     t.add_argument('--vlm', default='', help="default: TOY_DIR/vlm")
     t.add_argument('--n', type=int, default=64)
     t.add_argument('--k', type=int, default=4)
+    t.add_argument('--query', default=reward.QUERY, help="the reward's query for the agreement (query ablations)")
     t.add_argument('--out', default='out/eval')
     for p in (d, e, t):
         p.add_argument('--steps', type=int, default=12 if p is t else 50)

@@ -165,14 +165,14 @@ def promptecho_reward(model, processor, images, labels, query=QUERY, return_toke
     rewards, tokens = [], []
     for i in range(0, len(images), max_batch):
         r, t = _reward_chunk(model, processor, images[i:i + max_batch], labels[i:i + max_batch],
-                             queries[i:i + max_batch], max_pixels)
+                             queries[i:i + max_batch], max_pixels, return_tokens)
         rewards.append(r)
         tokens += t
     rewards = torch.cat(rewards)
     return (rewards, tokens) if return_tokens else rewards
 
 
-def _reward_chunk(model, processor, images, labels, queries, max_pixels):
+def _reward_chunk(model, processor, images, labels, queries, max_pixels, return_tokens=False):
     tok = processor.tokenizer
     dev = model.device
     contexts = [chat_context(processor, q, l) for q, l in zip(queries, labels)]
@@ -220,11 +220,12 @@ def _reward_chunk(model, processor, images, labels, queries, max_pixels):
     count = torch.bincount(row_t, minlength=B).float()               # N_j label tokens per row
     rew = torch.zeros(B, device=dev).index_add_(0, row_t, logp) / count  # r = (1/N) sum log P = -CE
     per_tok = []
-    logp_cpu = logp.cpu().tolist()
-    k = 0
-    for ids in label_ids:
-        per_tok.append([(tok.decode([t]), lp) for t, lp in zip(ids, logp_cpu[k:k + len(ids)])])
-        k += len(ids)
+    if return_tokens:                                                # per-token strings cost as much as the VLM
+        logp_cpu = logp.cpu().tolist()                               # forward of a tiny model: only on request
+        k = 0
+        for ids in label_ids:
+            per_tok.append([(tok.decode([t]), lp) for t, lp in zip(ids, logp_cpu[k:k + len(ids)])])
+            k += len(ids)
     return rew.float().cpu(), per_tok
 
 

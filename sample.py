@@ -237,11 +237,45 @@ def guide_qwenimage(v_c, v_u, cfg, sigma):
 
 
 def decode_qwenimage(m, x):
-    mean = torch.tensor(m.vae.config.latents_mean, device=x.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(m.vae.config.latents_std, device=x.device).view(1, -1, 1, 1, 1)
-    z = x[:, :, None] * std + mean                           # per-channel statistics; [B, C, 1, h, w] video VAE
-    img = m.vae.decode(z.to(m.vae.dtype), return_dict=False)[0][:, :, 0]
+    mean = torch.tensor(m.vae.config.latents_mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(m.vae.config.latents_std, device=x.device).view(1, -1, 1, 1)
+    img = qwen_vae_decode_frame(m.vae, (x * std + mean).to(m.vae.dtype))  # per-channel statistics
     return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+# The Qwen-Image VAE is a causal video VAE; an image is one frame. On the first frame every causal
+# Conv3d sees zero padding in time, so it equals a Conv2d with its last temporal kernel slice, and the
+# temporal upsamplers are skipped. The same decoder as vae.decode(z[:, :, None]), without its frame
+# cache, its 3x padded time axis or its per-call bookkeeping (tests hold the two to 1e-5).
+
+def _conv2d(c, x):  # QwenImageCausalConv3d on one frame
+    return torch.nn.functional.conv2d(x, c.weight[:, :, -1], c.bias, c.stride[1:], (c._padding[2], c._padding[0]))
+
+
+def _rms(n, x):     # QwenImageRMS_norm: unit L2 norm over channels, times sqrt(C) * gamma
+    y = torch.nn.functional.normalize(x.float(), dim=1).to(x.dtype)
+    return y * n.scale * n.gamma.view(-1, 1, 1) + (n.bias.view(-1, 1, 1) if torch.is_tensor(n.bias) else 0.0)
+
+
+def _resblock(r, x):
+    h = x if isinstance(r.conv_shortcut, torch.nn.Identity) else _conv2d(r.conv_shortcut, x)
+    x = _conv2d(r.conv1, r.nonlinearity(_rms(r.norm1, x)))
+    return _conv2d(r.conv2, r.nonlinearity(_rms(r.norm2, x))) + h  # (dropout: identity in eval)
+
+
+def qwen_vae_decode_frame(vae, z):
+    """AutoencoderKLQwenImage decode of single frames: z [B, C, h, w] -> [B, 3, 8h, 8w] in [-1, 1]."""
+    d = vae.decoder
+    x = _conv2d(d.conv_in, _conv2d(vae.post_quant_conv, z))
+    x = _resblock(d.mid_block.resnets[0], x)
+    for attn, r in zip(d.mid_block.attentions, d.mid_block.resnets[1:]):
+        x = _resblock(r, attn(x[:, :, None])[:, :, 0])
+    for up in d.up_blocks:
+        for r in up.resnets:
+            x = _resblock(r, x)
+        if up.upsamplers is not None:
+            x = up.upsamplers[0].resample(x)                   # 2x nearest + Conv2d (time_conv skipped)
+    return _conv2d(d.conv_out, d.nonlinearity(_rms(d.norm_out, x))).clamp(-1, 1)
 
 
 def guide_plain(v_c, v_u, cfg, sigma):

@@ -148,6 +148,25 @@ def test_sampler_matches_diffusers_pipeline(family, t2i_dir):
         assert (ours - ref).abs().max().item() <= 1e-4, (family, cfg)
 
 
+@pytest.mark.parametrize('cfg', [dict(base_dim=24, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True]),
+                                 dict(base_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,      # the real layout
+                                      temperal_downsample=[False, True, True], z_dim=16)])
+def test_qwen_vae_single_frame_decode_matches_video_decode(cfg):
+    from diffusers import AutoencoderKLQwenImage
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(**cfg).eval()
+    for p in vae.parameters():                                  # zero-init biases/gammas would hide slice errors
+        torch.nn.init.normal_(p, 0, 0.2 if p.dim() > 1 else 0.5)
+    z = torch.randn(3, vae.config.z_dim, 5, 6)                  # non-square: h and w paddings must not swap
+    with torch.no_grad():
+        ref = vae.decode(z[:, :, None]).sample[:, :, 0]          # the diffusers video decode of one frame
+        ours = sample.qwen_vae_decode_frame(vae, z)
+    f = 2 ** (len(cfg['dim_mult']) - 1)                         # spatial upsampling of the decoder
+    assert ours.shape == ref.shape == (3, 3, 5 * f, 6 * f)
+    assert ref.abs().max() > 0.5 and ref.std() > 0.1           # a decode that says something
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize('family', ['zimage', 'qwenimage', 'sd3', 'flux'])
 def test_sampler_batch_invariance_and_seeds(family, t2i_dir):
     m = sample.load_model(t2i_dir(family))

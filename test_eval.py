@@ -453,3 +453,23 @@ def test_cli_import_and_clear_errors(tmp_path):
     r = run('eval.py', 'export', '--bench', 'geneval', '--prompts', str(tmp_path / 'none.jsonl'), '--model', 'x',
             '--out', str(tmp_path / 'g'))
     assert r.returncode != 0 and 'not found' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_group_agreement_against_a_pair_loop():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(6, 5, generator=g)
+    score = torch.randint(0, 3, (6, 5), generator=g).float() / 2   # ties in the score are common: no pair
+    r[0, 1] = r[0, 2]                                              # a tie in the reward counts as disagreement
+    score[0, 1], score[0, 2] = 1.0, 0.0
+    agree = total = 0
+    for n in range(6):                                             # every ordered pair within one prompt
+        for i in range(5):
+            for j in range(5):
+                if score[n, i] > score[n, j]:
+                    total += 1
+                    agree += int(r[n, i] > r[n, j])
+    rate, pairs = ev.group_agreement(r, score)
+    assert pairs == total and abs(rate - agree / total) < 1e-7
+    assert ev.group_agreement(r, score)[0] != ev.group_agreement(-r, score)[0]
+    assert ev.group_agreement(score + 0.0, score)[0] == 1.0     # a reward equal to the score always agrees
+    assert math.isnan(ev.group_agreement(r, torch.zeros(6, 5))[0])
