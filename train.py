@@ -166,23 +166,30 @@ def sync():
 
 
 def plot_curves(rows, keys, path, size=(640, 360)):
-    """A small line chart (PIL only) of log columns against the iteration."""
+    """A small line chart (PIL only) of log columns against iterations done. Evals run after their
+    row's update, so they sit at iter + 1, and the base eval (key + '_base') at 0."""
     from PIL import Image, ImageDraw
     img = Image.new('RGB', size, 'white')
     d = ImageDraw.Draw(img)
     colors = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd']
     x0, y0, x1, y1 = 50, 20, size[0] - 20, size[1] - 40
     d.rectangle([x0, y0, x1, y1], outline='black')
+    xmax = max([r['iter'] + 1 for r in rows] + [1])
+    d.text((x0, y0 - 14), 'iteration 0', fill='black')
+    d.text((x1 - 70, y0 - 14), f'iteration {xmax}', fill='black')
+    ok = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
     for c, k in zip(colors, keys):
-        pts = [(r['iter'], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+        shift = 1 if k.startswith('eval_') else 0
+        pts = [(0, r[k + '_base']) for r in rows if ok(r.get(k + '_base'))]
+        pts += [(r['iter'] + shift, r[k]) for r in rows if ok(r.get(k))]
         if len(pts) < 1:
             continue
         xs, ys = zip(*pts)
         lo, hi = min(ys), max(ys)
-        span, xmax = (hi - lo) or 1.0, max(max(xs), 1)
+        span = (hi - lo) or 1.0
         xy = [(x0 + (x1 - x0) * x / xmax, y1 - (y1 - y0) * (y - lo) / span) for x, y in pts]
         d.line(xy, fill=c, width=2) if len(xy) > 1 else d.ellipse([xy[0][0] - 3, xy[0][1] - 3, xy[0][0] + 3, xy[0][1] + 3], fill=c)
-        d.text((x0 + 5, y1 + 5 + 12 * keys.index(k)), f"{k}: {lo:.3f} .. {hi:.3f} (last {ys[-1]:.3f})", fill=c)
+        d.text((x0 + 5, y1 + 5 + 12 * keys.index(k)), f"{k}: {lo:.3f} .. {hi:.3f} (first {ys[0]:.3f}, last {ys[-1]:.3f})", fill=c)
     img.save(path + '.tmp.png')
     os.replace(path + '.tmp.png', path)
 
