@@ -248,7 +248,7 @@ def decode_qwenimage(m, x):
 # temporal upsamplers are skipped. The same decoder as vae.decode(z[:, :, None]), without its frame
 # cache, its 3x padded time axis or its per-call bookkeeping (tests hold the two to 1e-5).
 
-def _conv2d(c, x):  # QwenImageCausalConv3d on one frame
+def _conv2d(c, x):  # causal Conv3d on one frame = Conv2d with the last temporal kernel slice
     return torch.nn.functional.conv2d(x, c.weight[:, :, -1], c.bias, c.stride[1:], (c._padding[2], c._padding[0]))
 
 
