@@ -246,7 +246,8 @@ def decode_qwenimage(m, x):
 # The Qwen-Image VAE is a causal video VAE; an image is one frame. On the first frame every causal
 # Conv3d sees zero padding in time, so it equals a Conv2d with its last temporal kernel slice, and the
 # temporal upsamplers are skipped. The same decoder as vae.decode(z[:, :, None]), without its frame
-# cache, its 3x padded time axis or its per-call bookkeeping (tests hold the two to 1e-5).
+# cache, its 3x padded time axis or its per-call bookkeeping: equal to 1e-5 in float32 (tested), to
+# bf16 rounding in bfloat16 (summation order differs).
 
 def _conv2d(c, x):  # causal Conv3d on one frame = Conv2d with the last temporal kernel slice
     return torch.nn.functional.conv2d(x, c.weight[:, :, -1], c.bias, c.stride[1:], (c._padding[2], c._padding[0]))
@@ -265,6 +266,8 @@ def _resblock(r, x):
 
 def qwen_vae_decode_frame(vae, z):
     """AutoencoderKLQwenImage decode of single frames: z [B, C, h, w] -> [B, 3, 8h, 8w] in [-1, 1]."""
+    if vae.use_tiling or vae.use_slicing or hasattr(vae, '_hf_hook'):  # diffusers' own paths: tiles, offload
+        return vae.decode(z[:, :, None], return_dict=False)[0][:, :, 0]
     d = vae.decoder
     x = _conv2d(d.conv_in, _conv2d(vae.post_quant_conv, z))
     x = _resblock(d.mid_block.resnets[0], x)

@@ -465,7 +465,7 @@ for it in range(it0, max_iters):
         row[k] = v.item()
     if (eval_every and (it + 1) % eval_every == 0) or it + 1 == max_iters:
         row |= evaluate(it + 1)
-    elif it == 0 and base_eval:
+    if it == 0 and base_eval:                                # the eval before any update (plotted at 0)
         row |= {k + '_base': v for k, v in base_eval.items()}
     if master and sample_every and (it + 1) % sample_every == 0:
         fixed = (eval_rows or train_rows)[:4]
