@@ -35,7 +35,7 @@ MAX_OBJECTS = 2                 # objects per random scene: 1..MAX_OBJECTS (the 
 GAP = 3.0                       # min px between two objects' circumcircles: objects never touch
 EDGE = 2.0                      # min px between a circumcircle and the border (room for +-2 px jitter)
 assert (IMAGE_SIZE / GRID / 2 - 0.5 - JITTER - R_MAX >= EDGE and  # the layout keeps both margins
-        IMAGE_SIZE / GRID - 2 * (JITTER + R_MAX) >= GAP)
+        IMAGE_SIZE / GRID - 2 * (JITTER + R_MAX) >= GAP and MAX_OBJECTS <= GRID ** 2)
 SUPERSAMPLE = 4                 # render at 4x4 samples per pixel, then box-average (anti-aliasing)
 AREA_FACTOR = {'circle': np.pi, 'square': 2.0, 'triangle': 3 * np.sqrt(3) / 4}  # area = f * r^2
 # detector
@@ -68,7 +68,7 @@ VOCAB = sorted({w for p in _phrases for w in p.split()} | {w for ws in NUMBER_WO
 def random_scene(rng, n_objects=None):
     """A list of n objects {'shape', 'color', 'x', 'y', 'r'} (default 1..MAX_OBJECTS), each in its own grid cell."""
     n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
-    assert 1 <= n <= GRID ** 2 and MAX_OBJECTS <= GRID ** 2, n
+    assert 1 <= n <= GRID ** 2, n
     cell = IMAGE_SIZE / GRID
     scene = []
     for k in rng.permutation(GRID ** 2)[:n]:
