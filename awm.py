@@ -71,10 +71,17 @@ def per_sample_mse(a, b):
     return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
 
 
+def ghuber(mse, sigma, p=0.25, eps=1e-10):
+    """The official AWM code's robust re-weighting of the per-sample MSE [N] at noise levels sigma [N]:
+    ((mse + eps)^p - eps^p) * sigma / p. Its gradient is sigma * mse^(p-1) * grad mse: samples with a
+    large error (high noise) count less; p = 1 gives sigma * mse."""
+    return ((mse + eps) ** p - eps ** p) * sigma.float() / p
+
+
 # -----------------------------------------------------------------------------
 # the AWM objective
 
-def awm_loss(v, v_target, adv, v_ref=None, v_ema=None, beta=0.0, ema_beta=0.0, clip_range=0.0):
+def awm_loss(v, v_target, adv, v_ref=None, v_ema=None, beta=0.0, ema_beta=0.0, clip_range=0.0, sigma=None):
     """The AWM loss on the policy's own clean samples.
 
     v         [N, ...] policy velocity at x_sigma (with grad)
@@ -83,16 +90,19 @@ def awm_loss(v, v_target, adv, v_ref=None, v_ema=None, beta=0.0, ema_beta=0.0, c
     v_ref     [N, ...] velocity with the LoRA disabled (no grad), used when beta > 0
     v_ema     [N, ...] velocity of the EMA LoRA (no grad), used when ema_beta > 0
     clip_range: 0 -> the plain form; > 0 -> the official ratio/clip form (PPO-style).
+    sigma     [N]      noise levels: given -> the matching loss is ghuber(mse, sigma) (official code),
+                       None -> the plain MSE (the paper's equation)
     Returns (loss, dict of detached terms for logging).
     """
     mse = per_sample_mse(v, v_target)                         # [N] ||v_theta(x_sigma) - (eps - x0)||^2
+    match = mse if sigma is None else ghuber(mse, sigma)     # [N] the -log pi surrogate
     if clip_range > 0:
-        logp = -mse                                           # log pi surrogate: minus the flow-matching loss
+        logp = -match                                         # log pi surrogate: minus the flow-matching loss
         ratio = torch.exp(logp - logp.detach())               # = 1 on-policy, gradient = grad logp
         clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
         policy = torch.maximum(-adv * ratio, -adv * clipped).mean()  # PPO clipped surrogate
     else:
-        policy = (adv * mse).mean()                           # AWM: L = E[A * ||v_theta - (eps - x0)||^2]
+        policy = (adv * match).mean()                         # AWM: L = E[A * ||v_theta - (eps - x0)||^2]
     loss = policy
     terms = {'policy': policy.detach(), 'mse': mse.mean().detach()}
     if beta > 0:

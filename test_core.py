@@ -102,6 +102,27 @@ def test_awm_plain_and_ratio_forms_agree_on_policy():
     assert abs(l2.item() + adv.mean().item()) < 1e-6
 
 
+def test_ghuber_weighting_closed_form_and_gradient():
+    torch.manual_seed(1)
+    mse, sig = torch.tensor([0.0, 0.25, 4.0]), torch.tensor([0.5, 0.8, 0.3])
+    assert torch.allclose(awm.ghuber(mse, sig, p=1.0, eps=0.0), sig * mse)              # p = 1: sigma * mse
+    assert torch.allclose(awm.ghuber(mse, sig, eps=0.0), sig * mse ** 0.25 / 0.25)      # (mse^p - 0) sigma / p
+    tgt, adv, sig = torch.randn(5, 2, 3), torch.randn(5), torch.rand(5) * 0.9 + 0.05
+    v = torch.randn(5, 2, 3, requires_grad=True)
+    loss, t = awm.awm_loss(v, tgt, adv, sigma=sig)
+    loss.backward()
+    # by hand: d/dv mean_i A_i sigma_i (mse_i + eps)^p / p = A_i sigma_i mse_i^(p-1) * 2 (v_i - tgt_i) / D / N
+    d = (v.detach() - tgt).flatten(1)
+    m = d.pow(2).mean(1)
+    want = (adv * sig * (m + 1e-10) ** -0.75)[:, None] * 2 * d / d.shape[1] / 5
+    assert torch.allclose(v.grad.flatten(1), want, rtol=1e-5, atol=1e-7)
+    assert abs(t['mse'].item() - m.mean().item()) < 1e-6                                 # the log stays the raw MSE
+    v2 = v.detach().clone().requires_grad_(True)
+    l2, _ = awm.awm_loss(v2, tgt, adv, clip_range=0.2, sigma=sig)                        # the ratio form on-policy
+    l2.backward()
+    assert torch.allclose(v2.grad, v.grad, atol=1e-7)
+
+
 def test_ema_update():
     e, p = [torch.zeros(3)], [torch.ones(3)]
     awm.ema_update(e, p, decay=0.9)
@@ -433,7 +454,7 @@ def run_train(argv, nproc=1):
            if nproc > 1 else [sys.executable]) + [os.path.join(HERE, 'train.py')] + argv
     p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, p.stdout[-1500:] + '\n' + p.stderr[-3000:]
     return p.stdout
 
 

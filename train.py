@@ -59,6 +59,7 @@ micro_batch = 2            # rollouts per forward per rank; gradient accumulatio
 train_timesteps = 6        # noise levels per rollout per update (official AWM: 6); more = less noisy gradient, slower
 timestep_frac = 0.99       # train on the noisiest fraction of the rollout grid (official: 0.99), sigma=1 skipped
 stratified = True          # one noise level per stratum of the grid (official) vs uniform draws
+ghuber_weighting = False   # True: the matching loss is the official code's ghuber(MSE, sigma); False: the MSE (paper)
 clip_range = 0.0           # > 0: the official PPO ratio/clip form; on-policy it equals the plain AWM loss
 beta = 0.0                 # KL to the reference (LoRA off), beta*||v - v_ref||^2 (official: 1e-3..3e-3)
 ema_beta = 0.0             # pull toward an EMA of the trained weights, ema_beta*||v - v_ema||^2
@@ -432,7 +433,8 @@ for it in range(it0, max_iters):
                             for p, e in zip(params, ema):
                                 p.data, e.data = e.data, p.data
                             torch.clear_autocast_cache()
-                loss, terms = awm.awm_loss(v, v_tgt, adv[mb].repeat_interleave(T), v_ref, v_ema, beta, ema_beta, clip_range)
+                loss, terms = awm.awm_loss(v, v_tgt, adv[mb].repeat_interleave(T), v_ref, v_ema, beta, ema_beta, clip_range,
+                                           sig if ghuber_weighting else None)
                 (loss / accum).backward()
                 stats.append({k: x.item() for k, x in terms.items()} | {'loss': loss.item()})
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -520,5 +522,6 @@ if master and base_eval:                                      # held-out before 
     write_json({'base': base_eval, 'trained': last, 'iters': max_iters}, os.path.join(out_dir, 'eval_summary.json'))
     print("held-out before -> after: " + ", ".join(f"{k} {base_eval[k]:.4f} -> {last.get(k, float('nan')):.4f}"
                                                      for k in base_eval))
-if ddp:
+if ddp:                                                       # leave together: a rank that tears down gloo while
+    dist.barrier()                                            # rank 0 still writes its checkpoint can abort at exit
     dist.destroy_process_group()
