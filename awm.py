@@ -73,8 +73,8 @@ def per_sample_mse(a, b):
 
 def ghuber(mse, sigma, p=0.25, eps=1e-10):
     """The official AWM code's robust re-weighting of the per-sample MSE [N] at noise levels sigma [N]:
-    ((mse + eps)^p - eps^p) * sigma / p. Its gradient is sigma * mse^(p-1) * grad mse: samples with a
-    large error (high noise) count less; p = 1 gives sigma * mse."""
+    ((mse + eps)^p - eps^p) * sigma / p. Its gradient is sigma * mse^(p-1) * grad mse: a sample with a
+    large error counts less, a noisier level more; p = 1 gives sigma * mse."""
     return ((mse + eps) ** p - eps ** p) * sigma.float() / p
 
 
