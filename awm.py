@@ -13,13 +13,16 @@ import torch
 # -----------------------------------------------------------------------------
 # group-relative advantages
 
-def group_advantages(rewards, std_norm=True, clip=0.0, eps=1e-4):
+def group_advantages(rewards, std_norm=True, clip=0.0, positive_only=False, eps=1e-4):
     """rewards [G, K]: G prompts x K images each -> advantages [G, K].
 
     PromptEcho paper: A = (r - mean_group(r)) / (std_group(r) + eps).
     Official AWM code: (r - group mean) / (std + 1e-4), std taken over the whole batch
     or per prompt (a flag), then clamped to +-5. The PromptEcho inference README writes
     A = r - group mean (std_norm=False). Flow-Factory clips to +-1.
+    positive_only=True keeps only the better-than-mean images (A <- max(A, 0)): the update then
+    regresses onto the group's good samples (reward-ranked fine-tuning, as in RAFT / ReST) and
+    never pushes the model away from its bad ones. Not in the paper: an ablation.
     """
     mean = rewards.mean(dim=1, keepdim=True)                  # [G, 1]
     adv = rewards - mean                                      # centred within each group
@@ -28,6 +31,8 @@ def group_advantages(rewards, std_norm=True, clip=0.0, eps=1e-4):
         adv = adv / (std + eps)                               # A = (r - mean) / (std + eps)
     if clip > 0:
         adv = adv.clamp(-clip, clip)                          # A <- clip(A, -c, c)
+    if positive_only:
+        adv = adv.clamp(min=0)                                # A <- max(A, 0)
     return adv
 
 

@@ -24,6 +24,8 @@ def test_group_advantages_closed_form():
     assert np.allclose(a_plain.numpy(), (r - r.mean(1, keepdim=True)).numpy())
     a_clip = awm.group_advantages(r, std_norm=True, eps=0.0, clip=1.0)
     assert a_clip.abs().max() <= 1.0 and a_clip[1, 3] == 1.0
+    a_pos = awm.group_advantages(r, std_norm=True, eps=0.0, positive_only=True)
+    assert np.allclose(a_pos.numpy(), np.maximum(np.stack([want0, want1]), 0), atol=1e-6)  # max(A, 0) by hand
     # a group with equal rewards carries no signal: advantages exactly 0, not NaN
     assert torch.all(awm.group_advantages(torch.full((1, 8), 3.0)) == 0)
 
@@ -450,11 +452,11 @@ def tiny_run(t2i_dir, vlm_dir, tmp_path_factory):
 
 
 def run_train(argv, nproc=1):
-    cmd = ([sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port=29533']
+    cmd = ([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']  # a free port
            if nproc > 1 else [sys.executable]) + [os.path.join(HERE, 'train.py')] + argv
-    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert p.returncode == 0, p.stdout[-1500:] + '\n' + p.stderr[-3000:]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,  # faulthandler: a native abort
+                       env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONFAULTHANDLER='1'))  # prints the Python stack
+    assert p.returncode == 0, p.stdout[-1500:] + '\n' + p.stderr[-4000:]
     return p.stdout
 
 
@@ -495,6 +497,26 @@ def test_train_two_processes_equal_one(tiny_run, tmp_path):
     r1 = [json.loads(l)['reward_mean'] for l in open(os.path.join(one, 'log.jsonl'))]
     r2 = [json.loads(l)['reward_mean'] for l in open(os.path.join(two, 'log.jsonl'))]
     assert np.allclose(r1, r2, atol=1e-6)                         # the same rollouts, drawn on other ranks
+
+
+def test_train_cfg_trains_the_guided_velocity(tiny_run, tmp_path):
+    # Z-Image guidance: v = v_c + g (v_c - v_u). With the prompt as its own negative prompt v_u = v_c, so the
+    # guided field and its gradient (1 + g) grad v_c - g grad v_u are v_cond's: train_cfg must change nothing.
+    # With another negative prompt the guided field differs from v_cond, and so must the trained LoRA.
+    same = tmp_path / 'same.jsonl'
+    same.write_text(json.dumps({'prompt': 'a red dog'}) + '\n' + json.dumps({'prompt': 'a red dog'}) + '\n')
+    lora = {}
+    for neg in ('a red dog', 'bad quality'):
+        for tc in (False, True):
+            out = str(tmp_path / f'{neg[:3]}{tc}')
+            run_train(tiny_run(out_dir=out, prompts=str(same), negative_prompt=neg, train_cfg=tc, rollout_cfg=3.0,
+                               beta=0.5, max_iters=1))
+            lora[neg, tc] = lora_of(out)
+    a, b = lora['a red dog', False], lora['a red dog', True]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=0), (k, (a[k] - b[k]).abs().max())
+    a, b = lora['bad quality', False], lora['bad quality', True]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-3     # ~lr: the update followed another field
 
 
 def test_train_exact_resume(tiny_run, tmp_path):

@@ -52,6 +52,7 @@ vlm_max_pixels = 1024 * 1024  # VLM input resolution cap; 1024^2 = 4096 vision t
 # ADVANTAGES
 adv_std_norm = True        # A = (r - mean) / (std + eps) (paper); False: A = r - mean (PromptEcho README)
 adv_clip = 5.0             # clamp |A| (official AWM: 5); 0 = off
+adv_positive_only = False  # True: A <- max(A, 0), learn only from the better-than-mean images (not in the paper)
 # UPDATE (AWM)
 epochs_per_iter = 4        # passes over each rollout batch (paper: 4); more = more off-policy drift
 batch_size = 128           # rollouts per optimizer step, all ranks (paper: 128) -> 2 steps per epoch
@@ -60,6 +61,7 @@ train_timesteps = 6        # noise levels per rollout per update (official AWM: 
 timestep_frac = 0.99       # train on the noisiest fraction of the rollout grid (official: 0.99), sigma=1 skipped
 stratified = True          # one noise level per stratum of the grid (official) vs uniform draws
 ghuber_weighting = False   # True: the matching loss is the official code's ghuber(MSE, sigma); False: the MSE (paper)
+train_cfg = False          # True: AWM trains the guided velocity the rollouts used (official code's train.cfg), not v_cond
 clip_range = 0.0           # > 0: the official PPO ratio/clip form; on-policy it equals the plain AWM loss
 beta = 0.0                 # KL to the reference (LoRA off), beta*||v - v_ref||^2 (official: 1e-3..3e-3)
 ema_beta = 0.0             # pull toward an EMA of the trained weights, ema_beta*||v - v_ema||^2
@@ -388,7 +390,7 @@ for it in range(it0, max_iters):
 
     # ---------------- ADVANTAGES within each prompt group
     finite = bool(torch.isfinite(r_all).all())
-    adv_all = awm.group_advantages(r_all.view(G, K), adv_std_norm, adv_clip) if finite else torch.zeros(G, K)
+    adv_all = awm.group_advantages(r_all.view(G, K), adv_std_norm, adv_clip, adv_positive_only) if finite else torch.zeros(G, K)
     adv = adv_all.flatten()[local].to(device)                # [n_local]
 
     # ---------------- UPDATE: advantage-weighted flow matching on the policy's own x0
@@ -417,19 +419,20 @@ for it in range(it0, max_iters):
                 x_sig = awm.add_noise(x0r, eps, sig)                            # x_sigma = (1-sigma) x0 + sigma eps
                 v_tgt = awm.velocity_target(x0r, eps)                           # eps - x0
                 cb = sample.take(cond, mb.repeat_interleave(T))
+                both = sample.cat([cb, sample.take(neg_cond, [0] * len(sig))]) if train_cfg else None  # None: v_cond
                 v_ref = v_ema = None
-                with autocast:
-                    v = sample.velocity(m, x_sig.to(ptdtype), sig, cb)
+                with autocast:                                                  # the trained field: v_cond, or
+                    v = sample.guided_velocity(m, x_sig.to(ptdtype), sig, cb, both, rollout_cfg)  # the rollouts' guided v
                     with torch.no_grad():
                         if beta > 0:                                            # reference = LoRA switched off
                             m.transformer.disable_adapters()
-                            v_ref = sample.velocity(m, x_sig.to(ptdtype), sig, cb)
+                            v_ref = sample.guided_velocity(m, x_sig.to(ptdtype), sig, cb, both, rollout_cfg)
                             m.transformer.enable_adapters()
                         if ema_beta > 0:                                        # EMA weights swapped in and out
                             for p, e in zip(params, ema):
                                 p.data, e.data = e.data, p.data
                             torch.clear_autocast_cache()                    # else autocast reuses the old casts
-                            v_ema = sample.velocity(m, x_sig.to(ptdtype), sig, cb)
+                            v_ema = sample.guided_velocity(m, x_sig.to(ptdtype), sig, cb, both, rollout_cfg)
                             for p, e in zip(params, ema):
                                 p.data, e.data = e.data, p.data
                             torch.clear_autocast_cache()
