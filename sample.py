@@ -362,8 +362,8 @@ def velocity(m, x, sigma, cond):
 
 
 def guided_velocity(m, x, sigma, cond, both, cfg):
-    """The velocity used for sampling: the family's guidance rule, cond and uncond in one batched forward.
-    both: cat([cond, neg]) prepared once per sampling run (None = no negative branch)."""
+    """The guided velocity the sampler uses (and AWM trains with train_cfg): the family's guidance rule,
+    cond and uncond in one batched forward. both: cat([cond, neg]) (None = no negative branch: v_cond)."""
     if m.family == 'flux':                                   # distilled guidance: one branch, g as an input
         return velocity(m, x, sigma, cond | ({'guidance': torch.full_like(sigma, cfg)} if 'guidance' in cond else {}))
     if both is None or (cfg <= 1 and m.family != 'zimage') or cfg <= 0:

@@ -508,7 +508,7 @@ def test_train_cfg_trains_the_guided_velocity(tiny_run, tmp_path):
     lora = {}
     for neg in ('a red dog', 'bad quality'):
         for tc in (False, True):
-            out = str(tmp_path / f'{neg[:3]}{tc}')
+            out = str(tmp_path / f'{neg.split()[0]}_{tc}')
             run_train(tiny_run(out_dir=out, prompts=str(same), negative_prompt=neg, train_cfg=tc, rollout_cfg=3.0,
                                beta=0.5, max_iters=1))
             lora[neg, tc] = lora_of(out)

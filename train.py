@@ -61,7 +61,8 @@ train_timesteps = 6        # noise levels per rollout per update (official AWM: 
 timestep_frac = 0.99       # train on the noisiest fraction of the rollout grid (official: 0.99), sigma=1 skipped
 stratified = True          # one noise level per stratum of the grid (official) vs uniform draws
 ghuber_weighting = False   # True: the matching loss is the official code's ghuber(MSE, sigma); False: the MSE (paper)
-train_cfg = False          # True: AWM trains the guided velocity the rollouts used (official code's train.cfg), not v_cond
+train_cfg = False          # True: AWM trains the guided velocity the rollouts used, not v_cond (official train.cfg;
+                           # 2x the update's forward cost and memory; FLUX: no effect, its guidance is an input)
 clip_range = 0.0           # > 0: the official PPO ratio/clip form; on-policy it equals the plain AWM loss
 beta = 0.0                 # KL to the reference (LoRA off), beta*||v - v_ref||^2 (official: 1e-3..3e-3)
 ema_beta = 0.0             # pull toward an EMA of the trained weights, ema_beta*||v - v_ema||^2
@@ -390,7 +391,8 @@ for it in range(it0, max_iters):
 
     # ---------------- ADVANTAGES within each prompt group
     finite = bool(torch.isfinite(r_all).all())
-    adv_all = awm.group_advantages(r_all.view(G, K), adv_std_norm, adv_clip, adv_positive_only) if finite else torch.zeros(G, K)
+    adv_all = (awm.group_advantages(r_all.view(G, K), adv_std_norm, adv_clip, adv_positive_only) if finite
+               else torch.zeros(G, K))
     adv = adv_all.flatten()[local].to(device)                # [n_local]
 
     # ---------------- UPDATE: advantage-weighted flow matching on the policy's own x0
@@ -420,19 +422,20 @@ for it in range(it0, max_iters):
                 v_tgt = awm.velocity_target(x0r, eps)                           # eps - x0
                 cb = sample.take(cond, mb.repeat_interleave(T))
                 both = sample.cat([cb, sample.take(neg_cond, [0] * len(sig))]) if train_cfg else None  # None: v_cond
-                v_ref = v_ema = None
-                with autocast:                                                  # the trained field: v_cond, or
-                    v = sample.guided_velocity(m, x_sig.to(ptdtype), sig, cb, both, rollout_cfg)  # the rollouts' guided v
+                field = lambda: sample.guided_velocity(m, x_sig.to(ptdtype), sig, cb, both, rollout_cfg)  # v_cond or
+                v_ref = v_ema = None                                                # the rollouts' guided v
+                with autocast:
+                    v = field()
                     with torch.no_grad():
                         if beta > 0:                                            # reference = LoRA switched off
                             m.transformer.disable_adapters()
-                            v_ref = sample.guided_velocity(m, x_sig.to(ptdtype), sig, cb, both, rollout_cfg)
+                            v_ref = field()
                             m.transformer.enable_adapters()
                         if ema_beta > 0:                                        # EMA weights swapped in and out
                             for p, e in zip(params, ema):
                                 p.data, e.data = e.data, p.data
                             torch.clear_autocast_cache()                    # else autocast reuses the old casts
-                            v_ema = sample.guided_velocity(m, x_sig.to(ptdtype), sig, cb, both, rollout_cfg)
+                            v_ema = field()
                             for p, e in zip(params, ema):
                                 p.data, e.data = e.data, p.data
                             torch.clear_autocast_cache()
