@@ -422,8 +422,9 @@ for it in range(it0, max_iters):
                 v_tgt = awm.velocity_target(x0r, eps)                           # eps - x0
                 cb = sample.take(cond, mb.repeat_interleave(T))
                 both = sample.cat([cb, sample.take(neg_cond, [0] * len(sig))]) if train_cfg else None  # None: v_cond
-                field = lambda: sample.guided_velocity(m, x_sig.to(ptdtype), sig, cb, both, rollout_cfg)  # v_cond or
-                v_ref = v_ema = None                                                # the rollouts' guided v
+                # the trained field: v_cond, or with train_cfg the guided v the rollouts used
+                field = lambda: sample.guided_velocity(m, x_sig.to(ptdtype), sig, cb, both, rollout_cfg)
+                v_ref = v_ema = None
                 with autocast:
                     v = field()
                     with torch.no_grad():
