@@ -424,7 +424,8 @@ def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, 
                 query=reward.QUERY):
     """Held-out accuracy of a toy policy (+ LoRA) by the exact detector, its mean PromptEcho reward, and
     the within-group agreement: over pairs of images of the same prompt whose detector scores differ,
-    the fraction the reward orders the same way (what group advantages need; 0.5 = chance)."""
+    the fraction the reward orders the same way (what group advantages need; 0.5 = chance); and the same
+    over pairs of an all-correct image and a wrong one only (agreement_correct)."""
     import toy
     m = sample.load_model(model_dir)
     if lora:
@@ -438,8 +439,9 @@ def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, 
     frac = torch.tensor([s[0] for s in sc]).view(-1, k)                                   # [n, k] claims satisfied
     correct = torch.tensor([float(s[1]) for s in sc])
     agree, pairs = group_agreement(r, frac)
+    agree_ok, pairs_ok = group_agreement(r, correct.view(-1, k))   # all-correct image vs a wrong one only
     return {'accuracy': correct.mean().item(), 'claims': frac.mean().item(), 'reward': r.mean().item(),
-            'agreement': agree, 'pairs': pairs}
+            'agreement': agree, 'pairs': pairs, 'agreement_correct': agree_ok, 'pairs_correct': pairs_ok}
 
 
 def group_agreement(r, score):

@@ -260,6 +260,31 @@ def test_caption_scene_pairs_and_augment():
         assert aug.shape == image.shape and aug.dtype == np.uint8 and (aug != image).any()
         ok.append(toy.score(aug, text)[1])
     assert np.mean(ok) >= 0.95
+    many = toy.caption_scene_pairs(40, seed=0, max_objects=4)    # the captioners' scenes: 1-4 objects
+    assert {next(c[1] for c in toy.parse_caption(t) if c[0] == 'total') for _, t in many} == {1, 2, 3, 4}
+    assert all(toy.score(image, text) == (1.0, True) for image, text in many)
+
+
+def test_prepare_rebuilds_only_what_its_recipe_changed(tmp_path):
+    """prepare() skips a model built with the same recipe, rebuilds one whose recipe changed (a constant was
+    edited) or is unknown (no toy_recipe.json), and leaves the others alone."""
+    import json
+    import os
+    d = str(tmp_path / 'toy')
+    stamp = lambda: {k: os.path.getmtime(os.path.join(d, k, 'toy_recipe.json')) for k in ('zimage', 'vlm', 'vlm_weak')}
+    toy.prepare(d, steps=(1, 1, 2, 1), n_pretrain=8)
+    first = stamp()
+    assert json.load(open(os.path.join(d, 'vlm', 'toy_recipe.json')))['max_objects'] == toy.VLM_MAX_OBJECTS
+    assert json.load(open(os.path.join(d, 'zimage', 'toy_recipe.json')))['max_objects'] == toy.MAX_OBJECTS
+    toy.prepare(d, steps=(1, 1, 2, 1), n_pretrain=8)
+    assert stamp() == first                                       # nothing rebuilt
+    os.remove(os.path.join(d, 'vlm_weak', 'toy_recipe.json'))     # a build of an older toy.py
+    toy.prepare(d, steps=(1, 1, 3, 1), n_pretrain=8)              # VLM_STEPS edited
+    again = stamp()
+    assert again['zimage'] == first['zimage']
+    assert again['vlm'] != first['vlm'] and again['vlm_weak'] != first['vlm_weak']
+    assert json.load(open(os.path.join(d, 'vlm', 'toy_recipe.json')))['steps'] == 3
+    assert not [f for f in os.listdir(d) if f.endswith('.tmp')]
 
 
 def test_toy_pipeline_smoke_through_train(tmp_path):

@@ -65,9 +65,9 @@ VOCAB = sorted({w for p in _phrases for w in p.split()} | {w for ws in NUMBER_WO
 # -----------------------------------------------------------------------------
 # scenes and rendering
 
-def random_scene(rng, n_objects=None):
-    """A list of n objects {'shape', 'color', 'x', 'y', 'r'} (default 1..MAX_OBJECTS), each in its own grid cell."""
-    n = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
+def random_scene(rng, n_objects=None, max_objects=MAX_OBJECTS):
+    """A list of n objects {'shape', 'color', 'x', 'y', 'r'} (default 1..max_objects), each in its own grid cell."""
+    n = int(rng.integers(1, max_objects + 1)) if n_objects is None else n_objects
     assert 1 <= n <= GRID ** 2, n
     cell = IMAGE_SIZE / GRID
     scene = []
@@ -337,11 +337,12 @@ def prompt_split(n_train, n_heldout, seed=0):
             out[s].append(text)
     raise RuntimeError(f'could not find {n_train} + {n_heldout} distinct prompts')
 
-def caption_scene_pairs(n, seed=0, exclude=()):
-    """n (image uint8 (H, W, 3), caption) pairs of random scenes; captions in `exclude` are skipped."""
+def caption_scene_pairs(n, seed=0, exclude=(), max_objects=MAX_OBJECTS):
+    """n (image uint8 (H, W, 3), caption) pairs of random scenes of 1..max_objects objects; captions in
+    `exclude` are skipped."""
     rng, exclude, pairs = np.random.default_rng(seed), set(exclude), []
     while len(pairs) < n:
-        scene = random_scene(rng)
+        scene = random_scene(rng, max_objects=max_objects)
         text = caption(scene, rng)
         if text not in exclude:
             pairs.append((render(scene), text))
@@ -380,6 +381,8 @@ DIT_STEPS = 4000                # policy steps: recognisable shapes, some blank 
 DIT_BATCH = 16                  # policy batch: small batches, many steps (5-7 steps/s on 2 cores)
 VLM_STEPS = 700                 # captioner steps (the "strong" reward VLM)
 VLM_WEAK_STEPS = 150            # a weaker captioner, for the stronger-VLM-helps ablation
+VLM_MAX_OBJECTS = 4             # captioners see scenes of 1-4 objects, the policy 1-MAX_OBJECTS: the base often
+                                # draws 3-4 shapes for a 1-2 shape prompt, and a reader must know what that looks like
 BATCH = 32                      # captioner batch
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
            "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -557,12 +560,28 @@ def train_vlm(out, pairs, query, steps=VLM_STEPS, seed=0):
     proc.save_pretrained(out)
 
 
+def _built(d, recipe):
+    """Is d a finished build of this recipe? A build of another recipe (or of an older toy.py, which wrote
+    none) is rebuilt, with a message: a changed constant must not leave a stale model in place."""
+    import json
+    import os
+    path = os.path.join(d, 'toy_recipe.json')
+    if not os.path.isdir(d):
+        return False
+    old = json.load(open(path)) if os.path.isfile(path) else 'unknown (no toy_recipe.json)'
+    if old != recipe:
+        print(f"{d} was built with recipe {old}; the recipe is now {recipe}: rebuilding it")
+    return old == recipe
+
+
 def prepare(out_dir=TOY_DIR, query='Describe this image in detail.', steps=None, n_pretrain=N_PRETRAIN):
-    """Build whatever is missing under out_dir: prompt files, the policy, the two captioners.
+    """Build whatever is missing under out_dir: prompt files, the policy, the two captioners. Each model
+    directory holds the recipe it was built with (toy_recipe.json); a model of another recipe is rebuilt.
     steps: (vae, dit, vlm, weak vlm) pretraining steps; None = the constants (tests pass tiny ones)."""
     vae_s, dit_s, vlm_s, weak_s = steps or (VAE_STEPS, DIT_STEPS, VLM_STEPS, VLM_WEAK_STEPS)
     import json
     import os
+    import shutil
     os.makedirs(out_dir, exist_ok=True)
     train, heldout = prompt_split(N_TRAIN, N_HELDOUT, seed=0)
     for name, rows in (('train.jsonl', train), ('heldout.jsonl', heldout)):
@@ -571,15 +590,25 @@ def prepare(out_dir=TOY_DIR, query='Describe this image in detail.', steps=None,
             with open(path + '.tmp', 'w') as f:
                 f.writelines(json.dumps({'prompt': p, 'id': str(i)}) + '\n' for i, p in enumerate(rows))
             os.replace(path + '.tmp', path)
-    pairs = None
-    for sub, fn in (('zimage', lambda d, p: train_policy(d, p, vae_s, dit_s)),
-                    ('vlm', lambda d, p: train_vlm(d, p, query, steps=vlm_s)),
-                    ('vlm_weak', lambda d, p: train_vlm(d, p, query, steps=weak_s))):
+    data = dict(n_pretrain=n_pretrain, seed=1)                # pretraining pairs: held-out captions excluded
+    vlm = lambda s: dict(data, max_objects=VLM_MAX_OBJECTS, steps=s, query=query)
+    pairs = {}                                                # max_objects -> (image, caption) pairs
+    for sub, recipe, fn in (
+            ('zimage', dict(data, max_objects=MAX_OBJECTS, vae_steps=vae_s, dit_steps=dit_s),
+             lambda d, p: train_policy(d, p, vae_s, dit_s)),
+            ('vlm', vlm(vlm_s), lambda d, p: train_vlm(d, p, query, steps=vlm_s)),
+            ('vlm_weak', vlm(weak_s), lambda d, p: train_vlm(d, p, query, steps=weak_s))):
         d = os.path.join(out_dir, sub)
-        if os.path.isfile(os.path.join(d, 'model_index.json' if sub == 'zimage' else 'config.json')):
+        if _built(d, recipe):
             continue
-        pairs = pairs or caption_scene_pairs(n_pretrain, seed=1, exclude=heldout)
-        fn(d + '.tmp', pairs)                                  # a killed run leaves no half-written model
+        m = recipe['max_objects']
+        if m not in pairs:                                     # the two captioners share their pairs
+            pairs[m] = caption_scene_pairs(n_pretrain, data['seed'], exclude=heldout, max_objects=m)
+        fn(d + '.tmp', pairs[m])                               # a killed run leaves no half-written model
+        with open(os.path.join(d + '.tmp', 'toy_recipe.json'), 'w') as f:
+            json.dump(recipe, f)
+        if os.path.isdir(d):                                   # the stale build goes only once the new one is whole
+            shutil.rmtree(d)
         os.replace(d + '.tmp', d)
     return {k: os.path.join(out_dir, k) for k in ('zimage', 'vlm', 'vlm_weak', 'train.jsonl', 'heldout.jsonl')}
 
