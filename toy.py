@@ -561,8 +561,9 @@ def train_vlm(out, pairs, query, steps=VLM_STEPS, seed=0):
 
 
 def _built(d, recipe):
-    """Is d a finished build of this recipe? A build of another recipe (or of an older toy.py, which wrote
-    none) is rebuilt, with a message: a changed constant must not leave a stale model in place."""
+    """Is d a finished build of this recipe (step counts, pairs, object range, query)? A build of another
+    recipe (or of an older toy.py, which wrote none) is rebuilt, with a message. Architecture and
+    learning-rate edits are not in the recipe: delete the model directory after such an edit."""
     import json
     import os
     path = os.path.join(d, 'toy_recipe.json')
