@@ -32,7 +32,7 @@ lora_rank = 32
 lora_alpha = 64
 lr = 1e-3                         # measured with the oracle reward: 3e-3 and 1e-2 lose reward, 1e-3 gains a little
 beta = 1.0                        # KL to the base (LoRA off): without it, lr 1e-3 drifted and lost reward
-train_cfg = True                  # train the guided velocity the CFG rollouts used: the one setting where the oracle
-                                  # gains on every seed and PromptEcho beats the random control (README; ~2.4x update)
+train_cfg = True                  # train the guided velocity the CFG rollouts used: with it the oracle gains on every
+                                  # seed and PromptEcho's mean beats the random control (README); ~2.4x the update's cost
 sample_every = 10
 save_every = 10
