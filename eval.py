@@ -20,6 +20,7 @@ Everything is resumable: images already on disk are not generated again and pair
 """
 import argparse
 import base64
+import collections
 import functools
 import io
 import json
@@ -421,27 +422,30 @@ def format_table(res):
 
 @torch.no_grad()
 def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, cfg=3.5, size=64, seed=0,
-                query=reward.QUERY):
+                query=reward.QUERY, stride=1):
     """Held-out accuracy of a toy policy (+ LoRA) by the exact detector, its mean PromptEcho reward, and
     the within-group agreement: over pairs of images of the same prompt whose detector scores differ,
     the fraction the reward orders the same way (what group advantages need; 0.5 = chance); and the same
-    over pairs of an all-correct image and a wrong one only (agreement_correct)."""
+    over pairs of an all-correct image and a wrong one only (agreement_correct); what the wrong images get
+    wrong (errors: toy.error_kind counts). n prompts: every stride-th line of prompts_file."""
     import toy
     m = sample.load_model(model_dir)
     if lora:
         sample.load_lora(m, lora)
     vm, vp = reward.load_vlm(vlm_dir)
-    rows = sample.read_prompts(prompts_file)[:n]
+    rows = sample.read_prompts(prompts_file)[::stride][:n]
     prompts = [r['prompt'] for r in rows for _ in range(k)]          # k images per prompt, fixed seeds
     imgs, _ = sample.generate(m, prompts, [seed + i for i in range(len(prompts))], steps, cfg, size, size, '', 32)
     r = reward.promptecho_reward(vm, vp, imgs, prompts, query, max_batch=32).view(-1, k)  # [n, k]
-    sc = [toy.score(a, p) for a, p in zip(sample.to_uint8(imgs), prompts)]
+    u8 = sample.to_uint8(imgs)
+    sc = [toy.score(a, p) for a, p in zip(u8, prompts)]
     frac = torch.tensor([s[0] for s in sc]).view(-1, k)                                   # [n, k] claims satisfied
     correct = torch.tensor([float(s[1]) for s in sc])
     agree, pairs = group_agreement(r, frac)
     agree_ok, pairs_ok = group_agreement(r, correct.view(-1, k))   # all-correct image vs a wrong one only
     return {'accuracy': correct.mean().item(), 'claims': frac.mean().item(), 'reward': r.mean().item(),
-            'agreement': agree, 'pairs': pairs, 'agreement_correct': agree_ok, 'pairs_correct': pairs_ok}
+            'agreement': agree, 'pairs': pairs, 'agreement_correct': agree_ok, 'pairs_correct': pairs_ok,
+            'errors': dict(collections.Counter(toy.error_kind(a, p) for a, p in zip(u8, prompts)))}
 
 
 def group_agreement(r, score):
@@ -572,13 +576,12 @@ def main(a):
 
 
 def toy_main(a):
-    res = {'base': toy_metrics(os.path.join(a.toy_dir, 'zimage'), a.vlm or os.path.join(a.toy_dir, 'vlm'),
-                               os.path.join(a.toy_dir, 'heldout.jsonl'), '', a.n, a.k, a.steps, a.cfg, a.size, a.seed,
-                               a.query)}
+    run = functools.partial(toy_metrics, os.path.join(a.toy_dir, 'zimage'), a.vlm or os.path.join(a.toy_dir, 'vlm'),
+                            a.prompts or os.path.join(a.toy_dir, 'heldout.jsonl'), n=a.n, k=a.k, steps=a.steps,
+                            cfg=a.cfg, size=a.size, seed=a.seed, query=a.query, stride=a.stride)
+    res = {'base': run()}
     if a.lora:
-        res['trained'] = toy_metrics(os.path.join(a.toy_dir, 'zimage'), a.vlm or os.path.join(a.toy_dir, 'vlm'),
-                                     os.path.join(a.toy_dir, 'heldout.jsonl'), a.lora, a.n, a.k, a.steps, a.cfg,
-                                     a.size, a.seed, a.query)
+        res['trained'] = run(lora=a.lora)
     os.makedirs(a.out, exist_ok=True)
     write_json(res, os.path.join(a.out, 'summary.json'))
     return res
@@ -611,6 +614,8 @@ def parser():
     t.add_argument('--toy_dir', default='out/toy')
     t.add_argument('--lora', default='')
     t.add_argument('--vlm', default='', help="default: TOY_DIR/vlm")
+    t.add_argument('--prompts', default='', help="prompts file (default: TOY_DIR/heldout.jsonl; a train file probes the base)")
+    t.add_argument('--stride', type=int, default=1, help="use every stride-th prompt of the file")
     t.add_argument('--n', type=int, default=64)
     t.add_argument('--k', type=int, default=4)
     t.add_argument('--query', default=reward.QUERY, help="the reward's query for the agreement (query ablations)")

@@ -473,3 +473,22 @@ def test_group_agreement_against_a_pair_loop():
     assert ev.group_agreement(r, score)[0] != ev.group_agreement(-r, score)[0]
     assert ev.group_agreement(score + 0.0, score)[0] == 1.0     # a reward equal to the score always agrees
     assert math.isnan(ev.group_agreement(r, torch.zeros(6, 5))[0])
+
+
+def test_toy_metrics_counts_agree_with_the_detector(tmp_path):
+    """eval.py toy on a tiny toy world: the error kinds cover every image, their 'ok' count is the
+    all-correct accuracy, and the agreement figures match group_agreement recomputed from the images."""
+    import toy
+    d = toy.prepare(str(tmp_path / 'toy'), steps=(1, 1, 1, 1), n_pretrain=8)
+    n, k, stride = 3, 2, 5
+    res = ev.toy_metrics(d['zimage'], d['vlm'], d['train.jsonl'], n=n, k=k, steps=2, size=64, stride=stride)
+    assert sum(res['errors'].values()) == n * k
+    assert res['errors'].get('ok', 0) == round(res['accuracy'] * n * k)
+    prompts = [r['prompt'] for r in sample.read_prompts(d['train.jsonl'])[::stride][:n] for _ in range(k)]
+    imgs, _ = sample.generate(sample.load_model(d['zimage']), prompts, list(range(n * k)), 2, 3.5, 64, 64, '', 32)
+    vm, vp = reward.load_vlm(d['vlm'])
+    r = reward.promptecho_reward(vm, vp, imgs, prompts, reward.QUERY).view(n, k)
+    sc = [toy.score(a, p) for a, p in zip(sample.to_uint8(imgs), prompts)]
+    assert res['claims'] == pytest.approx(np.mean([s[0] for s in sc]))
+    assert (res['agreement'], res['pairs']) == pytest.approx(ev.group_agreement(r, torch.tensor([s[0] for s in sc]).view(n, k)), nan_ok=True)
+    assert res['pairs_correct'] == ev.group_agreement(r, torch.tensor([float(s[1]) for s in sc]).view(n, k))[1]

@@ -200,6 +200,18 @@ def test_score_handmade_scene():
     assert toy.score(image, 'two red circles and a blue square') == (1 / 3, False)
     assert toy.score(image, 'a red circle') == (0.5, False)  # the blue square is not mentioned
 
+
+def test_error_kind_handmade_scene():
+    # the two-object scene above, judged against captions with a known defect each
+    image = toy.render([dict(shape='circle', color='red', x=16, y=32, r=9),
+                        dict(shape='square', color='blue', x=48, y=30, r=9)])
+    assert toy.error_kind(image, 'a red circle to the left of a blue square') == 'ok'
+    assert toy.error_kind(image, 'a red circle') == 'extra'
+    assert toy.error_kind(image, 'two red circles and a blue square') == 'missing'
+    assert toy.error_kind(image, 'a green circle and a blue square') == 'attr'
+    assert toy.error_kind(image, 'a red circle to the right of a blue square') == 'attr'
+    assert toy.error_kind(toy.render([]), 'a red circle') == 'blank'
+
 def test_detect_ignores_background_and_specks():
     rng = np.random.default_rng(0)
     white = np.full((64, 64, 3), 255, np.uint8)

@@ -316,6 +316,16 @@ def score(image, caption):
     ok = check_claims(parse_caption(caption), detect(image))
     return sum(ok) / len(ok), all(ok)
 
+
+def error_kind(image, caption):
+    """What is wrong with an image for its caption: 'ok', 'blank', 'extra' (more objects than the caption
+    says), 'missing' (fewer), or 'attr' (the right number, with a wrong colour, shape or relation)."""
+    claims, objs = parse_caption(caption), detect(image)
+    if all(check_claims(claims, objs)):
+        return 'ok'
+    total = next(c[1] for c in claims if c[0] == 'total')
+    return 'blank' if not objs else 'extra' if len(objs) > total else 'missing' if len(objs) < total else 'attr'
+
 # -----------------------------------------------------------------------------
 # data: prompt splits, pretraining pairs, augmentation
 
