@@ -422,18 +422,19 @@ def format_table(res):
 
 @torch.no_grad()
 def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, cfg=3.5, size=64, seed=0,
-                query=reward.QUERY, stride=1):
+                query=reward.QUERY, stride=1, keep=None):
     """Held-out accuracy of a toy policy (+ LoRA) by the exact detector, its mean PromptEcho reward, and
     the within-group agreement: over pairs of images of the same prompt whose detector scores differ,
     the fraction the reward orders the same way (what group advantages need; 0.5 = chance); and the same
     over pairs of an all-correct image and a wrong one only (agreement_correct); what the wrong images get
-    wrong (errors: toy.error_kind counts). n prompts: every stride-th line of prompts_file."""
+    wrong (errors: toy.error_kind counts). n prompts: every stride-th line of prompts_file (of those whose
+    prompt passes keep, when given)."""
     import toy
     m = sample.load_model(model_dir)
     if lora:
         sample.load_lora(m, lora)
     vm, vp = reward.load_vlm(vlm_dir)
-    rows = sample.read_prompts(prompts_file)[::stride][:n]
+    rows = [r for r in sample.read_prompts(prompts_file) if keep is None or keep(r['prompt'])][::stride][:n]
     prompts = [r['prompt'] for r in rows for _ in range(k)]          # k images per prompt, fixed seeds
     imgs, _ = sample.generate(m, prompts, [seed + i for i in range(len(prompts))], steps, cfg, size, size, '', 32)
     r = reward.promptecho_reward(vm, vp, imgs, prompts, query, max_batch=32).view(-1, k)  # [n, k]
@@ -576,9 +577,14 @@ def main(a):
 
 
 def toy_main(a):
+    keep = None
+    if a.meanings != 'all':                           # split by whether the policy was pretrained on the meaning
+        import toy
+        seen = toy.pretraining_meanings(a.toy_dir)
+        keep = lambda p: (tuple(toy.parse_caption(p)) in seen) == (a.meanings == 'pretrained')
     run = functools.partial(toy_metrics, os.path.join(a.toy_dir, 'zimage'), a.vlm or os.path.join(a.toy_dir, 'vlm'),
                             a.prompts or os.path.join(a.toy_dir, 'heldout.jsonl'), n=a.n, k=a.k, steps=a.steps,
-                            cfg=a.cfg, size=a.size, seed=a.seed, query=a.query, stride=a.stride)
+                            cfg=a.cfg, size=a.size, seed=a.seed, query=a.query, stride=a.stride, keep=keep)
     res = {'base': run()}
     if a.lora:
         res['trained'] = run(lora=a.lora)
@@ -616,6 +622,8 @@ def parser():
     t.add_argument('--vlm', default='', help="default: TOY_DIR/vlm")
     t.add_argument('--prompts', default='', help="prompts file (default: TOY_DIR/heldout.jsonl; a train file probes the base)")
     t.add_argument('--stride', type=int, default=1, help="use every stride-th prompt of the file")
+    t.add_argument('--meanings', default='all', choices=['all', 'pretrained', 'new'],
+                   help="only prompts whose meaning the policy was (pretrained) or was not (new) pretrained on")
     t.add_argument('--n', type=int, default=64)
     t.add_argument('--k', type=int, default=4)
     t.add_argument('--query', default=reward.QUERY, help="the reward's query for the agreement (query ablations)")

@@ -277,6 +277,28 @@ def test_caption_scene_pairs_and_augment():
     assert all(toy.score(image, text) == (1.0, True) for image, text in many)
 
 
+def test_pretraining_meanings_lose_a_meaning_only_when_every_phrasing_is_held_out(tmp_path):
+    """eval.py toy --meanings: the policy's pretraining meanings, rebuilt from its recipe, lack a held-out
+    meaning exactly when all its phrasings are held-out strings."""
+    import json
+    import os
+    os.makedirs(tmp_path / 'zimage')
+    (tmp_path / 'zimage' / 'toy_recipe.json').write_text(json.dumps(dict(n_pretrain=300, seed=1, max_objects=2)))
+    one = toy.parse_caption('one yellow square')                 # [('count', 'yellow', 'square', 1), ('total', 1)]
+    rng = np.random.default_rng(0)
+    phrasings = sorted({toy.verbalize(one, rng) for _ in range(2000)})
+    assert len(phrasings) > 10 and all(toy.parse_caption(p) == one for p in phrasings)
+    def meanings(heldout):
+        (tmp_path / 'heldout.jsonl').write_text(''.join(json.dumps({'prompt': p}) + '\n' for p in heldout))
+        return toy.pretraining_meanings(str(tmp_path))
+    assert tuple(one) in meanings([])                             # 300 scenes of 1-2 objects draw it
+    assert tuple(one) in meanings(phrasings[:1])                  # other phrasings of it remain
+    lost = meanings(phrasings)
+    assert tuple(one) not in lost and len(lost) > 50
+    with pytest.raises(FileNotFoundError, match='build the toy world'):
+        toy.pretraining_meanings(str(tmp_path / 'nowhere'))
+
+
 def test_prepare_rebuilds_only_what_its_recipe_changed(tmp_path):
     """prepare() skips a model built with the same recipe, rebuilds one whose recipe changed (a constant was
     edited) or is unknown (no toy_recipe.json), and leaves the others alone."""

@@ -624,6 +624,23 @@ def prepare(out_dir=TOY_DIR, query='Describe this image in detail.', steps=None,
     return {k: os.path.join(out_dir, k) for k in ('zimage', 'vlm', 'vlm_weak', 'train.jsonl', 'heldout.jsonl')}
 
 
+def pretraining_meanings(out_dir=TOY_DIR):
+    """The meanings (claim tuples) of the captions the toy policy in out_dir was pretrained on, rebuilt from
+    its toy_recipe.json. Pretraining skips held-out caption strings, so a held-out meaning with few
+    phrasings (one object) can be missing from it altogether (eval.py toy --meanings splits on this)."""
+    import json
+    import os
+    path = os.path.join(out_dir, 'zimage', 'toy_recipe.json')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {path}: build the toy world first (python toy.py, or python train.py config/toy.py)")
+    with open(path) as f:
+        rec = json.load(f)
+    with open(os.path.join(out_dir, 'heldout.jsonl')) as f:
+        heldout = [json.loads(line)['prompt'] for line in f if line.strip()]
+    pairs = caption_scene_pairs(rec['n_pretrain'], rec['seed'], exclude=heldout, max_objects=rec['max_objects'])
+    return {tuple(parse_caption(c)) for _, c in pairs}
+
+
 def accuracy(image, prompt):
     """Eval metric for train.py (eval_metric='toy:accuracy'): 1.0 if every claim of the prompt holds."""
     return float(score(image, prompt)[1])
