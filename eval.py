@@ -430,11 +430,13 @@ def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, 
     wrong (errors: toy.error_kind counts). n prompts: every stride-th line of prompts_file (of those whose
     prompt passes keep, when given)."""
     import toy
+    rows = [r for r in sample.read_prompts(prompts_file) if keep is None or keep(r['prompt'])][::stride][:n]
+    if not rows:
+        raise ValueError(f"no prompt of {prompts_file} is left to evaluate (check --meanings / --stride / --n)")
     m = sample.load_model(model_dir)
     if lora:
         sample.load_lora(m, lora)
     vm, vp = reward.load_vlm(vlm_dir)
-    rows = [r for r in sample.read_prompts(prompts_file) if keep is None or keep(r['prompt'])][::stride][:n]
     prompts = [r['prompt'] for r in rows for _ in range(k)]          # k images per prompt, fixed seeds
     imgs, _ = sample.generate(m, prompts, [seed + i for i in range(len(prompts))], steps, cfg, size, size, '', 32)
     r = reward.promptecho_reward(vm, vp, imgs, prompts, query, max_batch=32).view(-1, k)  # [n, k]

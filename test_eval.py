@@ -492,3 +492,5 @@ def test_toy_metrics_counts_agree_with_the_detector(tmp_path):
     assert res['claims'] == pytest.approx(np.mean([s[0] for s in sc]))
     assert (res['agreement'], res['pairs']) == pytest.approx(ev.group_agreement(r, torch.tensor([s[0] for s in sc]).view(n, k)), nan_ok=True)
     assert res['pairs_correct'] == ev.group_agreement(r, torch.tensor([float(s[1]) for s in sc]).view(n, k))[1]
+    with pytest.raises(ValueError, match='left to evaluate'):              # a filter that keeps nothing
+        ev.toy_metrics(d['zimage'], d['vlm'], d['heldout.jsonl'], keep=lambda p: False)
