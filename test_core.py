@@ -499,6 +499,26 @@ def test_train_two_processes_equal_one(tiny_run, tmp_path):
     assert np.allclose(r1, r2, atol=1e-6)                         # the same rollouts, drawn on other ranks
 
 
+def test_train_group_noise_is_the_groups_on_every_rank(tiny_run, tmp_path):
+    # One prompt, 4 images, split 2 + 2 over two ranks: with group_noise each rank must draw the group's
+    # training noise (not its own images' or its rank's), so the two runs train the same LoRA; and the
+    # shared noise must be other noise than the per-image draws, so the LoRA differs from group_noise=False.
+    kw = dict(prompts_per_iter=1, images_per_prompt=4, micro_batch=1, max_iters=1)
+    one, two, own = str(tmp_path / 'one'), str(tmp_path / 'two'), str(tmp_path / 'own')
+    run_train(tiny_run(out_dir=one, group_noise=True, **kw))
+    run_train(tiny_run(out_dir=two, group_noise=True, **kw), nproc=2)
+    run_train(tiny_run(out_dir=own, group_noise=False, **kw))
+    a, b, c = lora_of(one), lora_of(two), lora_of(own)
+
+    def moved(x, y):  # fraction of LoRA weights that differ by more than 1e-4
+        return sum((x[k] - y[k]).abs().gt(1e-4).sum().item() for k in x) / sum(v.numel() for v in x.values())
+    # Adam's first steps move a weight by ~lr * sign(grad): where the group's terms nearly cancel (the
+    # advantages sum to 0), float32 summation order flips a few signs (4 of 4096 weights here, 2 without
+    # group_noise); drawing another noise than the group's would move most of them, as the last line does
+    assert moved(a, b) < 0.01, moved(a, b)
+    assert moved(a, c) > 0.5, moved(a, c)
+
+
 def test_train_cfg_trains_the_guided_velocity(tiny_run, tmp_path):
     # Z-Image guidance: v = v_c + g (v_c - v_u). With the prompt as its own negative prompt v_u = v_c, so the
     # guided field and its gradient (1 + g) grad v_c - g grad v_u are v_cond's: train_cfg must change nothing.

@@ -60,6 +60,8 @@ micro_batch = 2            # rollouts per forward per rank; gradient accumulatio
 train_timesteps = 6        # noise levels per rollout per update (official AWM: 6); more = less noisy gradient, slower
 timestep_frac = 0.99       # train on the noisiest fraction of the rollout grid (official: 0.99), sigma=1 skipped
 stratified = True          # one noise level per stratum of the grid (official) vs uniform draws
+group_noise = False        # True: the K images of a prompt share their training noise eps and levels sigma (common
+                           # random numbers, as Diffusion-DPO's pairs): the noise terms of sum_k A_k grad mse_k cancel
 ghuber_weighting = False   # True: the matching loss is the official code's ghuber(MSE, sigma); False: the MSE (paper)
 train_cfg = False          # True: AWM trains the guided velocity the rollouts used, not v_cond (official train.cfg;
                            # 2x the update's forward cost and memory; FLUX: no effect, its guidance is an input)
@@ -412,9 +414,10 @@ for it in range(it0, max_iters):
             mine = (step_of == s).nonzero()[:, 0]            # local rollouts of this optimizer step
             for mb in mine.split(micro_batch):
                 js = [local[i] for i in mb.tolist()]
-                gens = [torch.Generator(device).manual_seed(rank_seed(seed, it, epoch, j, 2)) for j in js]
+                ns = [j // K if group_noise else j for j in js]                 # whose noise: the group's or its own
+                gens = [torch.Generator(device).manual_seed(rank_seed(seed, it, epoch, n, 2)) for n in ns]
                 sig = torch.stack([awm.sample_train_sigmas(sigmas, 1, T, timestep_frac, stratified,
-                                   torch.Generator().manual_seed(rank_seed(seed, it, epoch, j, 3)))[0] for j in js])
+                                   torch.Generator().manual_seed(rank_seed(seed, it, epoch, n, 3)))[0] for n in ns])
                 eps = torch.stack([torch.randn(T, C, h, w, generator=gg, device=device) for gg in gens])
                 sig, eps = sig.flatten().to(device), eps.flatten(0, 1)          # [mb*T], [mb*T, C, h, w]
                 x0r = x0[mb].repeat_interleave(T, 0)                            # [mb*T, C, h, w]
