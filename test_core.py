@@ -500,10 +500,11 @@ def test_train_two_processes_equal_one(tiny_run, tmp_path):
 
 
 def test_train_group_noise_is_the_groups_on_every_rank(tiny_run, tmp_path):
-    # One prompt, 4 images, split 2 + 2 over two ranks: with group_noise each rank must draw the group's
-    # training noise (not its own images' or its rank's), so the two runs train the same LoRA; and the
-    # shared noise must be other noise than the per-image draws, so the LoRA differs from group_noise=False.
-    kw = dict(prompts_per_iter=1, images_per_prompt=4, micro_batch=1, max_iters=1)
+    # 3 prompts x 2 images over two ranks: rank 0 holds images 0-2 (groups 0, 0, 1), rank 1 images 3-5
+    # (groups 1, 2, 2), so group 1 is split over the ranks and rank 1's local positions are not its
+    # groups. With group_noise every rank must draw each image's noise from its global group, so the
+    # two runs train the same LoRA; and that noise is other noise than the per-image draws.
+    kw = dict(prompts_per_iter=3, images_per_prompt=2, batch_size=6, micro_batch=1, max_iters=1)
     one, two, own = str(tmp_path / 'one'), str(tmp_path / 'two'), str(tmp_path / 'own')
     run_train(tiny_run(out_dir=one, group_noise=True, **kw))
     run_train(tiny_run(out_dir=two, group_noise=True, **kw), nproc=2)
@@ -512,11 +513,10 @@ def test_train_group_noise_is_the_groups_on_every_rank(tiny_run, tmp_path):
 
     def moved(x, y):  # fraction of LoRA weights that differ by more than 1e-4
         return sum((x[k] - y[k]).abs().gt(1e-4).sum().item() for k in x) / sum(v.numel() for v in x.values())
-    # Adam's first steps move a weight by ~lr * sign(grad): where the group's terms nearly cancel (the
-    # advantages sum to 0), float32 summation order flips a few signs (4 of 4096 weights here, 2 without
-    # group_noise); drawing another noise than the group's would move most of them, as the last line does
+    # Adam's first steps move a weight by ~lr * sign(grad): where a gradient is ~0, float32 summation order
+    # over the ranks flips a few signs; noise drawn from another seed moves a large share of the weights
     assert moved(a, b) < 0.01, moved(a, b)
-    assert moved(a, c) > 0.5, moved(a, c)
+    assert moved(a, c) > 0.1, moved(a, c)
 
 
 def test_train_cfg_trains_the_guided_velocity(tiny_run, tmp_path):

@@ -61,7 +61,8 @@ train_timesteps = 6        # noise levels per rollout per update (official AWM: 
 timestep_frac = 0.99       # train on the noisiest fraction of the rollout grid (official: 0.99), sigma=1 skipped
 stratified = True          # one noise level per stratum of the grid (official) vs uniform draws
 group_noise = False        # True: the K images of a prompt share their training noise eps and levels sigma (common
-                           # random numbers, as Diffusion-DPO's pairs): the noise terms of sum_k A_k grad mse_k cancel
+                           # random numbers, as Diffusion-DPO's pairs): the shared part of sum_k A_k grad mse_k's noise
+                           # cancels within an optimizer step (all of a group's images share one when batch_size = G*K)
 ghuber_weighting = False   # True: the matching loss is the official code's ghuber(MSE, sigma); False: the MSE (paper)
 train_cfg = False          # True: AWM trains the guided velocity the rollouts used, not v_cond (official train.cfg;
                            # 2x the update's forward cost and memory; FLUX: no effect, its guidance is an input)
