@@ -427,7 +427,7 @@ def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, 
     the within-group agreement: over pairs of images of the same prompt whose detector scores differ,
     the fraction the reward orders the same way (what group advantages need; 0.5 = chance); and the same
     over pairs of an all-correct image and a wrong one only (agreement_correct); what the wrong images get
-    wrong (errors: toy.error_kind counts). n prompts: every stride-th line of prompts_file (of those whose
+    wrong (errors: toy.error_kind counts) and what the over-full ones hold (over_full: toy.surplus). n prompts: every stride-th line of prompts_file (of those whose
     prompt passes keep, when given)."""
     import toy
     rows = [r for r in sample.read_prompts(prompts_file) if keep is None or keep(r['prompt'])][::stride][:n]
@@ -446,9 +446,12 @@ def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, 
     correct = torch.tensor([float(s[1]) for s in sc])
     agree, pairs = group_agreement(r, frac)
     agree_ok, pairs_ok = group_agreement(r, correct.view(-1, k))   # all-correct image vs a wrong one only
+    over = [x for x in (toy.surplus(a, p) for a, p in zip(u8, prompts)) if x is not None]
     return {'accuracy': correct.mean().item(), 'claims': frac.mean().item(), 'reward': r.mean().item(),
             'agreement': agree, 'pairs': pairs, 'agreement_correct': agree_ok, 'pairs_correct': pairs_ok,
-            'errors': dict(collections.Counter(toy.error_kind(a, p) for a, p in zip(u8, prompts)))}
+            'errors': dict(collections.Counter(toy.error_kind(a, p) for a, p in zip(u8, prompts))),
+            'over_full': {'images': len(over), 'both_rows': sum(x[0] for x in over),           # toy.surplus
+                          'copies': sum(x[1] for x in over), 'recoloured': sum(x[2] for x in over)}}
 
 
 def group_agreement(r, score):

@@ -484,6 +484,7 @@ def test_toy_metrics_counts_agree_with_the_detector(tmp_path):
     res = ev.toy_metrics(d['zimage'], d['vlm'], d['train.jsonl'], n=n, k=k, steps=2, size=64, stride=stride)
     assert sum(res['errors'].values()) == n * k
     assert res['errors'].get('ok', 0) == round(res['accuracy'] * n * k)
+    assert res['over_full']['images'] == res['errors'].get('extra', 0)     # toy.surplus sees what error_kind does
     prompts = [r['prompt'] for r in sample.read_prompts(d['train.jsonl'])[::stride][:n] for _ in range(k)]
     imgs, _ = sample.generate(sample.load_model(d['zimage']), prompts, list(range(n * k)), 2, 3.5, 64, 64, '', 32)
     vm, vp = reward.load_vlm(d['vlm'])

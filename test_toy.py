@@ -212,6 +212,21 @@ def test_error_kind_handmade_scene():
     assert toy.error_kind(image, 'a red circle to the right of a blue square') == 'attr'
     assert toy.error_kind(toy.render([]), 'a red circle') == 'blank'
 
+def test_surplus_handmade_scenes():
+    # the prompted pair in the top row, a copy of the red circle and a blue triangle in the bottom row
+    obj = lambda shape, color, x, y: dict(shape=shape, color=color, x=x, y=y, r=8)
+    four = toy.render([obj('circle', 'red', 16, 16), obj('square', 'blue', 48, 16),
+                       obj('circle', 'red', 16, 48), obj('triangle', 'blue', 48, 48)])
+    assert toy.surplus(four, 'a red circle to the left of a blue square') == (True, 1, 1)
+    assert toy.surplus(four, 'two red circles and a blue square') == (True, 0, 1)
+    assert toy.surplus(four, 'a green circle') == (True, 0, 0)
+    top = toy.render([obj('circle', 'red', 16, 16), obj('circle', 'red', 48, 16), obj('square', 'red', 32, 48)])
+    assert toy.surplus(top, 'a red circle') == (True, 1, 1)
+    two = toy.render([obj('circle', 'red', 16, 16), obj('circle', 'red', 48, 16)])
+    assert toy.surplus(two, 'a red circle') == (False, 1, 0)    # one row only
+    assert toy.surplus(two, 'two red circles') is None           # not over-full
+
+
 def test_detect_ignores_background_and_specks():
     rng = np.random.default_rng(0)
     white = np.full((64, 64, 3), 255, np.uint8)

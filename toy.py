@@ -326,6 +326,20 @@ def error_kind(image, caption):
     total = next(c[1] for c in claims if c[0] == 'total')
     return 'blank' if not objs else 'extra' if len(objs) > total else 'missing' if len(objs) < total else 'attr'
 
+def surplus(image, caption):
+    """What an over-full image ('extra') holds: (objects in both rows of the layout, surplus objects that
+    repeat a prompted colour and shape, objects of a prompted colour with an unprompted shape). None if the
+    image does not hold more objects than the caption says."""
+    claims, objs = parse_caption(caption), detect(image)
+    if len(objs) <= next(c[1] for c in claims if c[0] == 'total'):
+        return None
+    want = Counter({(c[1], c[2]): c[3] for c in claims if c[0] == 'count'})
+    got = Counter((o['color'], o['shape']) for o in objs)
+    copies = sum(max(got[key] - n, 0) for key, n in want.items())
+    recoloured = sum(n for (c, sh), n in got.items() if (c, sh) not in want and c in {c for c, _ in want})
+    both_rows = min(o['y'] for o in objs) < image.shape[0] / 2 < max(o['y'] for o in objs)
+    return both_rows, copies, recoloured
+
 # -----------------------------------------------------------------------------
 # data: prompt splits, pretraining pairs, augmentation
 
