@@ -46,7 +46,8 @@ def sample_train_sigmas(sigmas, n, k, frac=1.0, stratified=True, generator=None)
     Like the official code ('discrete_wo_init'), index 0 (sigma = 1, pure noise) is skipped
     and only the first `frac` of the steps (the noisier part) are used. stratified=True
     splits that index range into k equal strata and draws one index in each (low variance);
-    False draws k indices uniformly. Returns [n, k] sigma values.
+    False draws k indices uniformly. Returns [n, k] sigma values. (The official code floors
+    steps * frac, where we round it, and makes the strata edges integers before drawing.)
     """
     steps = sigmas.numel() - 1
     hi = max(2, int(round(steps * frac)))                     # usable indices are 1 .. hi-1
@@ -86,7 +87,7 @@ def ghuber(mse, sigma, p=0.25, eps=1e-10):
 # -----------------------------------------------------------------------------
 # the AWM objective
 
-def awm_loss(v, v_target, adv, v_ref=None, v_ema=None, beta=0.0, ema_beta=0.0, clip_range=0.0, sigma=None):
+def awm_loss(v, v_target, adv, v_ref=None, v_ema=None, beta=0.0, ema_beta=0.0, clip_range=0.0, sigma=None, v_old=None):
     """The AWM loss on the policy's own clean samples.
 
     v         [N, ...] policy velocity at x_sigma (with grad)
@@ -97,13 +98,20 @@ def awm_loss(v, v_target, adv, v_ref=None, v_ema=None, beta=0.0, ema_beta=0.0, c
     clip_range: 0 -> the plain form; > 0 -> the official ratio/clip form (PPO-style).
     sigma     [N]      noise levels: given -> the matching loss is ghuber(mse, sigma) (official code),
                        None -> the plain MSE (the paper's equation)
+    v_old     [N, ...] velocity of the rollout policy at the same x_sigma (no grad), for the ratio when
+                       clip_range > 0; None -> on-policy (no optimizer step yet): pi_old = pi_theta
     Returns (loss, dict of detached terms for logging).
     """
     mse = per_sample_mse(v, v_target)                         # [N] ||v_theta(x_sigma) - (eps - x0)||^2
     match = mse if sigma is None else ghuber(mse, sigma)     # [N] the -log pi surrogate
     if clip_range > 0:
         logp = -match                                         # log pi surrogate: minus the flow-matching loss
-        ratio = torch.exp(logp - logp.detach())               # = 1 on-policy, gradient = grad logp
+        if v_old is None:
+            logp_old = logp.detach()                          # on-policy: ratio = 1, gradient = grad logp
+        else:
+            mse_old = per_sample_mse(v_old, v_target)
+            logp_old = -(mse_old if sigma is None else ghuber(mse_old, sigma))
+        ratio = torch.exp(logp - logp_old)                    # pi_theta / pi_old, one per row
         clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
         policy = torch.maximum(-adv * ratio, -adv * clipped).mean()  # PPO clipped surrogate
     else:

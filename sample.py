@@ -22,11 +22,12 @@ from PIL import Image
 # model_index.json's _class_name -> family
 FAMILIES = {'ZImagePipeline': 'zimage', 'QwenImagePipeline': 'qwenimage',
             'StableDiffusion3Pipeline': 'sd3', 'FluxPipeline': 'flux'}
-# LoRA target modules per family: the attention projections (diffusers' DreamBooth-LoRA defaults;
-# SD3/FLUX add the text-stream projections of their joint blocks, as Flow-GRPO/AWM do).
+# LoRA target modules per family: the attention projections (diffusers' DreamBooth-LoRA defaults);
+# the dual-stream families (Qwen-Image, SD3, FLUX) add the text-stream projections of their joint
+# blocks, as Flow-GRPO/AWM do. Z-Image is single-stream: one set of projections for both.
 LORA_TARGETS = {
     'zimage': ['to_q', 'to_k', 'to_v', 'to_out.0'],
-    'qwenimage': ['to_q', 'to_k', 'to_v', 'to_out.0'],
+    'qwenimage': ['to_q', 'to_k', 'to_v', 'to_out.0', 'add_q_proj', 'add_k_proj', 'add_v_proj', 'to_add_out'],
     'sd3': ['to_q', 'to_k', 'to_v', 'to_out.0', 'add_q_proj', 'add_k_proj', 'add_v_proj', 'to_add_out'],
     'flux': ['to_q', 'to_k', 'to_v', 'to_out.0', 'add_q_proj', 'add_k_proj', 'add_v_proj', 'to_add_out'],
 }

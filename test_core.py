@@ -104,6 +104,30 @@ def test_awm_plain_and_ratio_forms_agree_on_policy():
     assert abs(l2.item() + adv.mean().item()) < 1e-6
 
 
+def test_awm_ratio_form_off_policy_is_ppo_clip_by_hand():
+    # after an optimizer step the rollouts are off-policy: r = pi_theta / pi_old = exp(mse_old - mse) per row,
+    # loss = mean(max(-A r, -A clip(r, 1-c, 1+c))); a row whose ratio has left the clip range in its
+    # advantage's direction gets no gradient, the others A r grad mse / N
+    torch.manual_seed(2)
+    N, c = 16, 0.2
+    tgt, v_old = torch.randn(N, 3, 4), torch.randn(N, 3, 4)
+    adv = torch.tensor([1.0, -1.0] * (N // 2)) * (torch.rand(N) + 0.5)
+    v = (v_old + 0.3 * torch.randn(N, 3, 4)).requires_grad_(True)
+    loss, _ = awm.awm_loss(v, tgt, adv, clip_range=c, v_old=v_old)
+    loss.backward()
+    d, d_old = (v.detach() - tgt).flatten(1), (v_old - tgt).flatten(1)
+    r = torch.exp(d_old.pow(2).mean(1) - d.pow(2).mean(1))
+    assert abs(loss.item() - torch.maximum(-adv * r, -adv * r.clamp(1 - c, 1 + c)).mean().item()) < 1e-6
+    active = ~(((adv > 0) & (r > 1 + c)) | ((adv < 0) & (r < 1 - c)))
+    assert active.any() and not active.all()                  # both cases occur in this draw
+    want = (active * adv * r)[:, None] * 2 * d / d.shape[1] / N
+    assert torch.allclose(v.grad.flatten(1), want, atol=1e-7)
+    v2 = v.detach().clone().requires_grad_(True)               # with v_old = v it is the on-policy form again
+    l2, _ = awm.awm_loss(v2, tgt, adv, clip_range=c, v_old=v.detach())
+    l3, _ = awm.awm_loss(v.detach().clone().requires_grad_(True), tgt, adv, clip_range=c)
+    assert abs(l2.item() - l3.item()) < 1e-6
+
+
 def test_ghuber_weighting_closed_form_and_gradient():
     torch.manual_seed(1)
     mse, sig = torch.tensor([0.0, 0.25, 4.0]), torch.tensor([0.5, 0.8, 0.3])
@@ -207,6 +231,9 @@ def test_lora_round_trip_through_diffusers(family, t2i_dir, tmp_path):
     m = sample.load_model(path)
     torch.manual_seed(0)
     sample.add_lora(m, rank=4, alpha=8)                          # alpha != rank: the metadata must carry it
+    wrapped = {n.split('.lora_A')[0] for n, _ in m.transformer.named_parameters() if '.lora_A' in n}
+    for target in sample.LORA_TARGETS[family]:                   # every target names modules of this family
+        assert any(w.endswith('.' + target) for w in wrapped), (family, target)
     with torch.no_grad():
         for n, p in m.transformer.named_parameters():
             if 'lora_B' in n:
@@ -539,6 +566,22 @@ def test_train_cfg_trains_the_guided_velocity(tiny_run, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-3     # ~lr: the update followed another field
 
 
+def test_train_ratio_form_uses_the_rollout_policy(tiny_run, tmp_path):
+    # one optimizer step per iteration (8 rollouts, batch 8, 1 epoch): on-policy, so the ratio/clip form
+    # trains the same LoRA as plain AWM. With a second epoch its step is off-policy: the ratio to the
+    # rollout policy is no longer 1 and re-weights each row, so the LoRA must differ from plain AWM's.
+    lora = {}
+    for epochs in (1, 2):
+        for clip in (0.0, 1e6):
+            out = str(tmp_path / f'e{epochs}_c{clip}')
+            run_train(tiny_run(out_dir=out, batch_size=8, epochs_per_iter=epochs, clip_range=clip, max_iters=1))
+            lora[epochs, clip] = lora_of(out)
+    a, b = lora[1, 0.0], lora[1, 1e6]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    a, b = lora[2, 0.0], lora[2, 1e6]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-5
+
+
 def test_train_exact_resume(tiny_run, tmp_path):
     full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
     run_train(tiny_run(out_dir=full, max_iters=4))
@@ -583,11 +626,11 @@ def test_readme_table_names_exist():
     import ast
     import importlib
     import re
-    text = open(os.path.join(HERE, 'README.md')).read()
+    text = open(os.path.join(HERE, 'README.md')).read() + open(os.path.join(HERE, 'TOY.md')).read()
     refs = set(re.findall(r'`(\w+)\.py:(\w+)`', text))
     assert len(refs) >= 10
     for mod, fn in refs:
-        assert hasattr(importlib.import_module(mod), fn), f"README names {mod}.py:{fn}, which does not exist"
+        assert hasattr(importlib.import_module(mod), fn), f"README/TOY.md names {mod}.py:{fn}, which does not exist"
     ranges = set(re.findall(r'`(\w+)\.py:(\w+)` \(L(\d+)-(\d+)\)', text))   # the equation table's line ranges
     assert len(ranges) >= 10
     for mod, fn, lo, hi in ranges:

@@ -58,7 +58,7 @@ epochs_per_iter = 4        # passes over each rollout batch (paper: 4); more = m
 batch_size = 128           # rollouts per optimizer step, all ranks (paper: 128) -> 2 steps per epoch
 micro_batch = 2            # rollouts per forward per rank; gradient accumulation fills batch_size
 train_timesteps = 6        # noise levels per rollout per update (official AWM: 6); more = less noisy gradient, slower
-timestep_frac = 0.99       # train on the noisiest fraction of the rollout grid (official: 0.99), sigma=1 skipped
+timestep_frac = 0.9        # train on the noisiest fraction of the rollout grid (official dgx configs: 0.9), sigma=1 skipped
 stratified = True          # one noise level per stratum of the grid (official) vs uniform draws
 group_noise = False        # True: the K images of a prompt share their training noise eps and levels sigma (common
                            # random numbers, as Diffusion-DPO's pairs): the shared part of sum_k A_k grad mse_k's noise
@@ -66,8 +66,11 @@ group_noise = False        # True: the K images of a prompt share their training
 ghuber_weighting = False   # True: the matching loss is the official code's ghuber(MSE, sigma); False: the MSE (paper)
 train_cfg = False          # True: AWM trains the guided velocity the rollouts used, not v_cond (official train.cfg;
                            # 2x the update's forward cost and memory; FLUX: no effect, its guidance is an input)
-clip_range = 0.0           # > 0: the official PPO ratio/clip form; on-policy it equals the plain AWM loss
-beta = 0.0                 # KL to the reference (LoRA off), beta*||v - v_ref||^2 (official: 1e-3..3e-3)
+clip_range = 0.0           # > 0: the official PPO ratio/clip form (official configs: 1), ratio = pi_theta / pi_rollout;
+                           # equal to plain AWM until the first optimizer step of an iteration, then one more
+                           # no-grad forward per micro-batch with the rollout policy's weights (kept in memory)
+beta = 0.0                 # KL to the reference (LoRA off), beta*||v - v_ref||^2 (official: 1e-3..3e-3, with its
+                           # advantages rescaled to [-1, 1]; ours reach +-adv_clip, so the same beta is ~5x weaker)
 ema_beta = 0.0             # pull toward an EMA of the trained weights, ema_beta*||v - v_ema||^2
 ema_decay = 0.95           # EMA decay per optimizer step
 lr = 5e-5                  # AdamW learning rate (paper: 5e-5; official AWM SD3.5: 3e-4)
@@ -136,6 +139,19 @@ def load_fn(spec):
 def rank_seed(*parts):
     """A 63-bit seed from a tuple of ints: the same on every rank and for any world size."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def swapped(params, weights, fn):
+    """fn() with other weights (EMA, rollout policy) swapped into params, then swapped back."""
+    for p, w in zip(params, weights):
+        p.data, w.data = w.data, p.data
+    torch.clear_autocast_cache()                             # else autocast reuses the casts of the other weights
+    try:
+        return fn()
+    finally:
+        for p, w in zip(params, weights):
+            p.data, w.data = w.data, p.data
+        torch.clear_autocast_cache()
 
 
 
@@ -406,10 +422,12 @@ for it in range(it0, max_iters):
         if master:
             print(f"iter {it}: non-finite reward, update skipped on every rank")
     m.transformer.train()
+    old = [p.detach().clone() for p in params] if clip_range > 0 and finite else []  # the rollout policy
+    stepped = False                                          # an optimizer step taken: the rollouts are off-policy
     for epoch in range(epochs_per_iter if finite else 0):
         # each block of steps_per_epoch consecutive rollouts spreads over the epoch's steps: every rank
         # feeds every step the same number of its rollouts, whatever the world size
-        g = torch.Generator().manual_seed(rank_seed(seed, it, epoch))
+        g = torch.Generator().manual_seed(rank_seed(seed, it, epoch, 4))
         step_of = torch.rand(N // steps_per_epoch, steps_per_epoch, generator=g).argsort(1).flatten()[local]
         for s in range(steps_per_epoch):
             mine = (step_of == s).nonzero()[:, 0]            # local rollouts of this optimizer step
@@ -428,7 +446,7 @@ for it in range(it0, max_iters):
                 both = sample.cat([cb, sample.take(neg_cond, [0] * len(sig))]) if train_cfg else None  # None: v_cond
                 # the trained field: v_cond, or with train_cfg the guided v the rollouts used
                 field = lambda: sample.guided_velocity(m, x_sig.to(ptdtype), sig, cb, both, rollout_cfg)
-                v_ref = v_ema = None
+                v_ref = v_ema = v_old = None
                 with autocast:
                     v = field()
                     with torch.no_grad():
@@ -437,15 +455,11 @@ for it in range(it0, max_iters):
                             v_ref = field()
                             m.transformer.enable_adapters()
                         if ema_beta > 0:                                        # EMA weights swapped in and out
-                            for p, e in zip(params, ema):
-                                p.data, e.data = e.data, p.data
-                            torch.clear_autocast_cache()                    # else autocast reuses the old casts
-                            v_ema = field()
-                            for p, e in zip(params, ema):
-                                p.data, e.data = e.data, p.data
-                            torch.clear_autocast_cache()
+                            v_ema = swapped(params, ema, field)
+                        if old and stepped:                                     # pi_old of the ratio: the rollout policy
+                            v_old = swapped(params, old, field)
                 loss, terms = awm.awm_loss(v, v_tgt, adv[mb].repeat_interleave(T), v_ref, v_ema, beta, ema_beta, clip_range,
-                                           sig if ghuber_weighting else None)
+                                           sig if ghuber_weighting else None, v_old)
                 (loss / accum).backward()
                 stats.append({k: x.item() for k, x in terms.items()} | {'loss': loss.item()})
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -455,6 +469,7 @@ for it in range(it0, max_iters):
             gn = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
             if torch.isfinite(gn):                                              # same on every rank (grads reduced)
                 optimizer.step()
+                stepped = True
                 if ema:
                     awm.ema_update(ema, params, ema_decay)
                 gnorms.append(gn.item())

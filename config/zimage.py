@@ -16,4 +16,6 @@ epochs_per_iter = 4
 lora_rank = 64
 lora_alpha = 128
 lr = 5e-5
+train_cfg = False                     # the paper's loss trains v_cond although rollouts use CFG 3.5; on the toy
+                                      # world even the detector oracle gained only with train_cfg = True (TOY.md)
 vlm_on_gpu = False                    # park the 32B VLM on the CPU outside the reward phase
