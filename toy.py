@@ -336,7 +336,8 @@ def surplus(image, caption):
     want = Counter({(c[1], c[2]): c[3] for c in claims if c[0] == 'count'})
     got = Counter((o['color'], o['shape']) for o in objs)
     copies = sum(max(got[key] - n, 0) for key, n in want.items())
-    recoloured = sum(n for (c, sh), n in got.items() if (c, sh) not in want and c in {c for c, _ in want})
+    colours = {c for c, _ in want}
+    recoloured = sum(n for (c, sh), n in got.items() if (c, sh) not in want and c in colours)
     both_rows = min(o['y'] for o in objs) < image.shape[0] / 2 < max(o['y'] for o in objs)
     return both_rows, copies, recoloured
 

@@ -154,8 +154,6 @@ def swapped(params, weights, fn):
         torch.clear_autocast_cache()
 
 
-
-
 def all_reduce_mean_(tensors, world):
     """Average tensors over ranks through one flat buffer: what DDP does for gradients, written out."""
     if world == 1 or not tensors:
@@ -278,6 +276,7 @@ if grad_checkpointing:
     m.transformer.enable_gradient_checkpointing()
 optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 ema = [p.detach().clone() for p in params] if ema_beta > 0 else []
+old = [p.detach().clone() for p in params] if clip_range > 0 else []   # the rollout policy, refreshed per iteration
 vlm_model = processor = None
 if reward_fn == 'promptecho':
     vlm_model, processor = reward.load_vlm(vlm, device if vlm_on_gpu else 'cpu', ptdtype)
@@ -422,7 +421,9 @@ for it in range(it0, max_iters):
         if master:
             print(f"iter {it}: non-finite reward, update skipped on every rank")
     m.transformer.train()
-    old = [p.detach().clone() for p in params] if clip_range > 0 and finite else []  # the rollout policy
+    with torch.no_grad():
+        for o, p in zip(old, params):                        # pi_old of the ratio: the weights that drew the rollouts
+            o.copy_(p)
     stepped = False                                          # an optimizer step taken: the rollouts are off-policy
     for epoch in range(epochs_per_iter if finite else 0):
         # each block of steps_per_epoch consecutive rollouts spreads over the epoch's steps: every rank
