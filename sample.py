@@ -191,12 +191,12 @@ def forward_zimage(m, x, sigma, cond):
 
 def guide_zimage(v_c, v_u, cfg, sigma):
     v = v_c + cfg * (v_c - v_u)                              # Z-Image CFG: cond + g (cond - uncond)
-    if ZIMAGE_CFG_TRUNC < 1:                                 # truncation: no guidance late in sampling
-        late = ((1 - sigma) > ZIMAGE_CFG_TRUNC).view(-1, 1, 1, 1)
-        v = torch.where(late, v_c, v)
     if ZIMAGE_CFG_NORM > 0:                                  # normalisation: |v| <= c |v_cond| per image
         n_c, n = v_c.flatten(1).norm(dim=1), v.flatten(1).norm(dim=1)
         v = v * torch.clamp(n_c * ZIMAGE_CFG_NORM / n, max=1.0).view(-1, 1, 1, 1)
+    if ZIMAGE_CFG_TRUNC < 1:                                 # truncation: plain v_cond late in sampling (not normalised)
+        late = ((1 - sigma) > ZIMAGE_CFG_TRUNC).view(-1, 1, 1, 1)
+        v = torch.where(late, v_c, v)
     return v
 
 

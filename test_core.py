@@ -195,6 +195,24 @@ def test_sampler_matches_diffusers_pipeline(family, t2i_dir):
         assert (ours - ref).abs().max().item() <= 1e-4, (family, cfg)
 
 
+def test_zimage_cfg_normalisation_and_truncation_match_pipeline(t2i_dir, monkeypatch):
+    path = t2i_dir('zimage')
+    m = sample.load_model(path)
+    pipe = _pipeline('zimage', path)
+    noise = sample.initial_noise(m, [7], 32, 32)
+    for norm, trunc in ((0.5, 1.0), (0.0, 0.5), (0.5, 0.5)):   # each alone, then both (truncated steps: no norm)
+        monkeypatch.setattr(sample, 'ZIMAGE_CFG_NORM', norm)
+        monkeypatch.setattr(sample, 'ZIMAGE_CFG_TRUNC', trunc)
+        ref = pipe('a red dog', negative_prompt='blurry', latents=noise.clone(), height=32, width=32,
+                   num_inference_steps=6, guidance_scale=4.0, cfg_normalization=norm, cfg_truncation=trunc,
+                   output_type='pt').images
+        ours, _ = sample.generate(m, ['a red dog'], [7], 6, 4.0, 32, 32, negative_prompt='blurry')
+        plain = pipe('a red dog', negative_prompt='blurry', latents=noise.clone(), height=32, width=32,
+                     num_inference_steps=6, guidance_scale=4.0, output_type='pt').images
+        assert (ref - plain).abs().max().item() > 1e-3, (norm, trunc)   # the option changes the image
+        assert (ours - ref).abs().max().item() <= 1e-4, (norm, trunc)
+
+
 @pytest.mark.parametrize('cfg', [dict(base_dim=24, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True]),
                                  dict(base_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,      # the real layout
                                       temperal_downsample=[False, True, True], z_dim=16)])
