@@ -83,15 +83,21 @@ def load_processor(path, trust_remote_code=False):
             cfg = json.load(open(os.path.join(path, name)))
             ip_cfg = cfg.get('image_processor', cfg)
             break
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    except ImportError:
+        raise ImportError(f"{path}: AutoProcessor could not load (torchvision is missing) and this transformers "
+                          f"({transformers.__version__}) has no PIL Qwen2-VL image processor to build one without it; "
+                          "upgrade transformers (tested: 5.24)") from None
     keep = ('size', 'min_pixels', 'max_pixels', 'patch_size', 'temporal_patch_size', 'merge_size', 'image_mean', 'image_std',
             'do_resize', 'do_rescale', 'rescale_factor', 'do_normalize', 'do_convert_rgb')
     image_processor = Qwen2VLImageProcessorPil(**{k: v for k, v in ip_cfg.items() if k in keep})
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    chat_template = getattr(tokenizer, 'chat_template', None)
-    tmpl = os.path.join(path, 'chat_template.jinja')
-    if os.path.isfile(tmpl):
-        chat_template = open(tmpl).read()
+    chat_template = getattr(tokenizer, 'chat_template', None)  # the processor's own template wins, as in
+    if os.path.isfile(os.path.join(path, 'chat_template.jinja')):  # transformers: .jinja, then the legacy .json
+        chat_template = open(os.path.join(path, 'chat_template.jinja')).read()
+    elif os.path.isfile(os.path.join(path, 'chat_template.json')):
+        chat_template = json.load(open(os.path.join(path, 'chat_template.json')))['chat_template']
     return image_only_processor(getattr(transformers, cls_name), image_processor, tokenizer, chat_template)
 
 
@@ -177,7 +183,11 @@ def _reward_chunk(model, processor, images, labels, queries, max_pixels, return_
     dev = model.device
     contexts = [chat_context(processor, q, l) for q, l in zip(queries, labels)]
     enc = processor(text=contexts, images=images, return_tensors='pt', padding=True, padding_side='right',
+                    return_mm_token_type_ids=True,
                     images_kwargs={'size': {'shortest_edge': 28 * 28, 'longest_edge': max_pixels}})
+    if 'mm_token_type_ids' not in enc:                               # zeros would silently give 1-D positions
+        raise ValueError(f"{type(processor).__name__} returned no mm_token_type_ids (M-RoPE needs them to place "
+                         "the image tokens); upgrade transformers (tested: 5.24)")
     n_ctx = enc['attention_mask'].sum(1).tolist()                    # real context length of each row
     label_ids = [tok(l, add_special_tokens=False)['input_ids'] for l in labels]
     limit = model.config.get_text_config().max_position_embeddings
@@ -201,8 +211,7 @@ def _reward_chunk(model, processor, images, labels, queries, max_pixels, return_
         input_ids[j, :n] = enc['input_ids'][j, :n]
         input_ids[j, n:n + len(ids)] = torch.tensor(ids)
         attn[j, :n + len(ids)] = 1
-        if 'mm_token_type_ids' in enc:
-            mm_types[j, :n] = enc['mm_token_type_ids'][j, :n]
+        mm_types[j, :n] = enc['mm_token_type_ids'][j, :n]
         # the logit at position t predicts token t+1: label token k (at n+k) is read at n+k-1
         rows += [j] * len(ids)
         pos += list(range(n - 1, n - 1 + len(ids)))
@@ -211,7 +220,7 @@ def _reward_chunk(model, processor, images, labels, queries, max_pixels, return_
                   image_grid_thw=enc['image_grid_thw'], mm_token_type_ids=mm_types)
     inputs = {k: v.to(dev) for k, v in inputs.items()}
     inputs['pixel_values'] = inputs['pixel_values'].to(model.dtype)
-    hidden = model.model(**inputs).last_hidden_state                 # [B, T, H], no [B, T, vocab] logits
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state  # [B, T, H], no [B, T, vocab] logits, no KV cache
     h = hidden[torch.tensor(rows, device=dev), torch.tensor(pos, device=dev)]  # [N, H] label positions only
     tgt = torch.tensor(targets, device=dev)
     logp = torch.cat([model.lm_head(hc).float().log_softmax(-1).gather(1, tc[:, None])[:, 0]  # [n, vocab] at a time

@@ -211,7 +211,8 @@ def decode_scaled(m, x):
 def encode_qwenimage(m, prompts):
     t = m.tokenizer([QWEN_TEMPLATE.format(p) for p in prompts], max_length=1024 + QWEN_DROP, padding=True,
                     truncation=True, return_tensors='pt').to(m.device)
-    h = m.text_encoder(input_ids=t.input_ids, attention_mask=t.attention_mask, output_hidden_states=True)
+    h = m.text_encoder(input_ids=t.input_ids, attention_mask=t.attention_mask, output_hidden_states=True,
+                       logits_to_keep=1)                     # skip the [B, L, 152k] vocabulary logits (GBs at 32 x 350)
     h = h.hidden_states[-1]
     seqs = [hi[mi.bool()][QWEN_DROP:][:MAX_TEXT_LEN] for hi, mi in zip(h, t.attention_mask)]  # drop system part
     L = max(s.shape[0] for s in seqs)

@@ -356,6 +356,21 @@ def test_reward_equals_independent_computation(family, vlm_dir):
     assert r.dtype == torch.float32 and r.shape == (2,)
 
 
+def test_processor_without_torchvision_reads_the_legacy_chat_template_json(vlm_dir, tmp_path):
+    import json, shutil
+    d = tmp_path / 'vlm'
+    shutil.copytree(vlm_dir('qwen3'), d)
+    want = (d / 'chat_template.jinja').read_text()
+    (d / 'chat_template.jinja').unlink()                       # hub layout: the processor's template as .json
+    (d / 'chat_template.json').write_text(json.dumps({'chat_template': want}))
+    cfg = json.loads((d / 'tokenizer_config.json').read_text())
+    cfg['chat_template'] = '{{ messages[0].content }}'          # a different (text-only) template in the tokenizer
+    (d / 'tokenizer_config.json').write_text(json.dumps(cfg))
+    proc = reward.load_processor(str(d))
+    assert type(proc).__name__ == 'Qwen3VLProcessor'
+    assert proc.chat_template == want                           # the processor's template, not the tokenizer's
+
+
 def test_reward_mask_independent_of_context_and_batching(vlm_dir):
     model, proc = reward.load_vlm(vlm_dir('qwen3'))
     labels = ['a red dog', 'green monkey dance in a photo of a cat', 'hello']
