@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
@@ -439,18 +440,32 @@ def save_lora(m, path):
 
 
 def load_lora(m, path):
-    """Load a LoRA saved by save_lora (or any diffusers-format transformer LoRA) into m.transformer."""
+    """Load a LoRA saved by save_lora, or any diffusers-format transformer LoRA (its own targets, ranks and
+    alphas, read as diffusers' load_lora_weights reads them), into m.transformer."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRA file {path} not found")
     sd = {k.removeprefix('transformer.'): v for k, v in load_file(path).items()}
-    if not getattr(m.transformer, 'peft_config', None):
+    if not getattr(m.transformer, 'peft_config', None):         # build the adapter the file describes
+        from peft import LoraConfig
         from safetensors import safe_open
         with safe_open(path, 'pt') as f:
             meta = json.loads((f.metadata() or {}).get('lora_adapter_metadata', '{}'))  # keys 'transformer.r', ...
-        rank = meta.get('transformer.r') or next(v.shape[0] for k, v in sd.items() if 'lora_A' in k)
-        add_lora(m, rank, meta.get('transformer.lora_alpha', rank))  # no metadata: diffusers assumes alpha = r
+        meta = {k.removeprefix('transformer.'): v for k, v in meta.items()}
+        ranks = {k.split('.lora_A')[0]: v.shape[0] for k, v in sd.items() if '.lora_A' in k}  # module -> rank
+        if not ranks:
+            raise ValueError(f"{path} holds no LoRA tensors (no '.lora_A' keys) for the transformer")
+        r = meta.get('r') or Counter(ranks.values()).most_common(1)[0][0]   # as diffusers' get_peft_kwargs
+        rank_pattern = meta.get('rank_pattern') or {k: v for k, v in ranks.items() if v != r}
+        cfg = dict(r=r, lora_alpha=meta.get('lora_alpha', r),    # no metadata: alpha = rank for every module
+                   alpha_pattern=meta.get('alpha_pattern', {} if 'lora_alpha' in meta else rank_pattern),
+                   target_modules=meta.get('target_modules') or sorted(ranks), rank_pattern=rank_pattern,
+                   use_dora=meta.get('use_dora', any('lora_magnitude_vector' in k for k in sd)),
+                   lora_bias=meta.get('lora_bias', any('lora_B' in k and k.endswith('.bias') for k in sd)),
+                   use_rslora=meta.get('use_rslora', False))
+        m.transformer.requires_grad_(False)
+        m.transformer.add_adapter(LoraConfig(**cfg))
     res = set_peft_model_state_dict(m.transformer, sd)
     missing = [k for k in (res.missing_keys or []) if 'lora_' in k]
     if res.unexpected_keys or missing:

@@ -272,6 +272,36 @@ def test_lora_round_trip_through_diffusers(family, t2i_dir, tmp_path):
     assert (again - ours).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize('with_metadata', [True, False])
+def test_foreign_lora_loads_as_diffusers_reads_it(t2i_dir, tmp_path, with_metadata):
+    """A LoRA made elsewhere (other targets, ranks per module, its own alpha) loads as diffusers loads it."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+    path = t2i_dir('zimage')
+    m = sample.load_model(path)
+    m.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4 if not with_metadata else 12, init_lora_weights='gaussian',
+                                         target_modules=['to_q', 'to_v', 'w1'], rank_pattern={'layers.0.attention.to_q': 2}))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in m.transformer.named_parameters():
+            if 'lora_B' in n:
+                p.normal_(0, 0.3)
+    f = str(tmp_path / 'lora.safetensors')
+    sample.save_lora(m, f)                                       # diffusers format, with peft metadata
+    if not with_metadata:                                        # keys only: ranks from shapes, alpha = r
+        save_file(load_file(f), f)
+    noise = sample.initial_noise(m, [3], 32, 32)
+    pipe = _pipeline('zimage', path)
+    pipe.load_lora_weights(f)
+    ref = _pipe_images(pipe, 'zimage', 'a red dog', 'blurry', noise.clone(), 3, 4.0, 32)
+    m2 = sample.load_model(path)
+    sample.load_lora(m2, f)
+    ours, _ = sample.generate(m2, ['a red dog'], [3], 3, 4.0, 32, 32, negative_prompt='blurry')
+    plain, _ = sample.generate(sample.load_model(path), ['a red dog'], [3], 3, 4.0, 32, 32, negative_prompt='blurry')
+    assert (ours - plain).abs().max().item() > 1e-3              # the LoRA changes the image
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
 def test_sd3_without_t5_matches_pipeline(tmp_path):
     import conftest
     from diffusers import StableDiffusion3Pipeline
