@@ -113,9 +113,13 @@ def initial_noise(m, seeds, height, width):
 def sigma_schedule(m, steps, height, width):
     """[steps + 1] float32 sigmas from 1 down to 0, with the family's (resolution-dependent) shift."""
     sc = m.scheduler
-    for k in ('use_karras_sigmas', 'use_exponential_sigmas', 'use_beta_sigmas', 'invert_sigmas'):
+    for k in ('use_karras_sigmas', 'use_exponential_sigmas', 'use_beta_sigmas', 'invert_sigmas', 'use_flow_sigmas',
+              'stochastic_sampling'):
         if sc.get(k):
-            raise ValueError(f"scheduler option {k} is not supported by this sampler")
+            raise ValueError(f"scheduler option {k} is not supported by this sampler (plain Euler on the shifted grid)")
+    if steps < (2 if sc.get('shift_terminal') else 1):
+        raise ValueError(f"{steps} sampling steps: need at least {2 if sc.get('shift_terminal') else 1} "
+                         "(shift_terminal stretches the grid between its first and last step)")
     n_tok = (height // m.vae_scale // 2) * (width // m.vae_scale // 2)  # image tokens after 2x2 packing
     if m.family == 'sd3':                                   # SD3 passes no sigmas: t from sigma_max to sigma_min
         shift = 1.0 if sc.get('use_dynamic_shifting') else sc.get('shift', 1.0)

@@ -331,6 +331,11 @@ def test_sampler_bad_input(t2i_dir, tmp_path):
         sample.load_model(str(bad))
     with pytest.raises(FileNotFoundError, match='not a diffusers model directory'):
         sample.load_model(str(tmp_path))
+    with pytest.raises(ValueError, match='0 sampling steps'):
+        sample.sigma_schedule(m, 0, 32, 32)
+    m.scheduler = {**m.scheduler, 'stochastic_sampling': True}  # a scheduler variant the Euler sampler is not
+    with pytest.raises(ValueError, match='stochastic_sampling is not supported'):
+        sample.sigma_schedule(m, 4, 32, 32)
 
 
 # -----------------------------------------------------------------------------
