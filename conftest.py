@@ -125,6 +125,77 @@ def vlm_components(family='qwen3', template=None, extra_corpus=(), vocab_size=40
     return model.eval(), proc
 
 
+# -----------------------------------------------------------------------------
+# tiny VLMs of other families (LLaVA, Gemma 3): SentencePiece-style tokenizers, where a label after
+# "ASSISTANT: " is not the label tokenized alone ("ASSISTANT: a" -> "▁a")
+
+LLAVA_TEMPLATE = (  # LLaVA-1.5 style: "USER: <image>\nq ASSISTANT: answer</s>"
+    "{%- for m in messages %}{{- 'USER: ' if m['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{%- for c in m['content'] %}{%- if c['type'] == 'image' %}{{- '<image>\\n' }}{%- else %}{{- c['text'] }}{%- endif %}"
+    "{%- endfor %}{{- ' ' if m['role'] == 'user' else '</s>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'ASSISTANT: ' }}{%- endif %}")
+GEMMA3_TEMPLATE = (  # Gemma 3 style: "<bos><start_of_turn>user\n<start_of_image>q<end_of_turn>\n<start_of_turn>model\n"
+    "{{- bos_token }}{%- for m in messages %}"
+    "{{- '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' }}"
+    "{%- for c in m['content'] %}{%- if c['type'] == 'image' %}{{- '<start_of_image>' }}{%- else %}{{- c['text'] }}"
+    "{%- endif %}{%- endfor %}{{- '<end_of_turn>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}")
+
+
+def sp_tokenizer(special, template, vocab_size=300, **named):
+    """A BPE over Metaspace pieces ("▁word", SentencePiece style), wrapped as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    t = Tokenizer(models.BPE(unk_token='<unk>'))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='first')
+    t.decoder = decoders.Metaspace(replacement='\u2581', prepend_scheme='first')
+    corpus = [c + ' USER: ASSISTANT: user model\n\n' for c in CORPUS]
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=['<unk>', '<pad>'] + special,
+                                                      show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token='<unk>', pad_token='<pad>', chat_template=template,
+                                   **named)
+
+
+def other_vlm_components(family, seed=0):
+    """(model, processor) of a tiny random LLaVA or Gemma 3 (with a final logit soft cap)."""
+    from transformers import LlamaConfig
+    torch.manual_seed(seed)
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=512)
+    if family == 'llava':
+        from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        tok = sp_tokenizer(['<s>', '</s>', '<image>'], LLAVA_TEMPLATE, bos_token='<s>', eos_token='</s>',
+                           extra_special_tokens={'image_token': '<image>'})
+        ids = {t: tok.convert_tokens_to_ids(t) for t in ('<s>', '</s>', '<image>', '<pad>')}
+        cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=2, image_size=32, patch_size=8),
+                          text_config=LlamaConfig(**text, pad_token_id=ids['<pad>'], bos_token_id=ids['<s>'],
+                                                  eos_token_id=ids['</s>']),
+                          image_token_id=ids['<image>'], vision_feature_select_strategy='default', vision_feature_layer=-1)
+        ip = CLIPImageProcessorPil(size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32})
+        return LlavaForConditionalGeneration(cfg).eval(), LlavaProcessor(
+            image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy='default',
+            num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    special = ['<bos>', '<eos>', '<start_of_turn>', '<end_of_turn>', '<start_of_image>', '<end_of_image>',
+               '<image_soft_token>']
+    tok = sp_tokenizer(special, GEMMA3_TEMPLATE, bos_token='<bos>', eos_token='<eos>', extra_special_tokens={
+        'boi_token': '<start_of_image>', 'eoi_token': '<end_of_image>', 'image_token': '<image_soft_token>'})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in special + ['<pad>']}
+    cfg = Gemma3Config(text_config=dict(text, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                                        final_logit_softcapping=30.0, pad_token_id=ids['<pad>'],
+                                        bos_token_id=ids['<bos>'], eos_token_id=ids['<eos>']),
+                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, image_size=32, patch_size=8),
+                       mm_tokens_per_image=4, boi_token_index=ids['<start_of_image>'],
+                       eoi_token_index=ids['<end_of_image>'], image_token_index=ids['<image_soft_token>'])
+    return Gemma3ForConditionalGeneration(cfg).eval(), Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={'height': 32, 'width': 32}), tokenizer=tok, image_seq_length=4,
+        chat_template=GEMMA3_TEMPLATE)
+
+
 @pytest.fixture(scope='session')
 def vlm_dir(tmp_path_factory):
     """family -> path of a saved tiny VLM (model + processor files), built once per session."""
@@ -133,7 +204,7 @@ def vlm_dir(tmp_path_factory):
     def get(family='qwen3'):
         if family not in cache:
             d = str(tmp_path_factory.mktemp('vlm_' + family))
-            model, proc = vlm_components(family)
+            model, proc = (other_vlm_components if family in ('llava', 'gemma3') else vlm_components)(family)
             model.save_pretrained(d)
             proc.save_pretrained(d)
             cache[family] = d

@@ -34,7 +34,8 @@ LOGITS_CHUNK = 1024       # label positions per lm_head + log-softmax call: caps
                           # 1024 x 151k x 4 B = 0.6 GB (8 images x 400-token labels would be 4.8 GB at once)
 # The VLM's image resolution cap. At 1024x1024 Qwen3-VL (16 px patches, 2x2 merge) makes 4096 patches
 # -> 1024 image tokens in the LLM; Qwen2.5-VL (14 px, 2x2 merge) resizes to 1008^2 -> 1296 tokens.
-# 512*512 costs about 4x less in both the vision tower and the LLM.
+# 512*512 costs about 4x less in both the vision tower and the LLM. Only dynamic-resolution (Qwen-VL style)
+# processors take it; fixed-size ones (LLaVA's CLIP, Gemma 3's SigLIP) resize to their own size.
 MAX_PIXELS = 1024 * 1024
 
 
@@ -128,9 +129,9 @@ def chat_context(processor, query, label):
     with only the user turn plus the generation prompt, and look for the label right after
     that header. Everything before the label is context (system text, image placeholder, query,
     template tokens, and e.g. the empty <think></think> block that Qwen3 thinking templates
-    insert); everything after it (end-of-turn) is dropped. The label itself is tokenized on its
-    own, which is exact because every Qwen assistant header ends in a newline, a pre-tokenizer
-    boundary: no BPE merge crosses it. A test checks this against tokenizing the full chat.
+    insert); everything after it (end-of-turn) is dropped. Which tokens are the label's is then
+    decided on the tokens of context + label (label_tokens). Tests check both against the full
+    chat's tokens for Qwen3-VL, Qwen2.5-VL, LLaVA and Gemma 3 templates.
     """
     msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': query}]},
             {'role': 'assistant', 'content': [{'type': 'text', 'text': label}]}]
@@ -178,53 +179,80 @@ def promptecho_reward(model, processor, images, labels, query=QUERY, return_toke
     return (rewards, tokens) if return_tokens else rewards
 
 
+def image_kwargs(processor, max_pixels):
+    """The resolution cap, for dynamic-resolution (Qwen-VL style) image processors; others resize to their
+    own fixed size, so nothing is passed. The floor of 28 x 28 px keeps small images (the toy world's
+    64 x 64) at their size instead of the checkpoint's minimum."""
+    ip = getattr(processor, 'image_processor', None)
+    if ip is None or getattr(ip, 'merge_size', None) is None:
+        return {}
+    return {'images_kwargs': {'size': {'shortest_edge': 28 * 28, 'longest_edge': max_pixels}}}
+
+
+def label_tokens(tokenizer, contexts, labels):
+    """The label's token ids, as the label is tokenized inside the chat: the tokens of context + label,
+    minus the longest prefix they share with the tokens of the context alone. With a newline before the
+    label (every Qwen assistant header) that is the label tokenized alone; with a space before it
+    (SentencePiece "ASSISTANT: a cat") the space's piece is scored with the label, as the chat spells it."""
+    out = []
+    for c, l in zip(contexts, labels):
+        a = tokenizer(c, add_special_tokens=False)['input_ids']
+        b = tokenizer(c + l, add_special_tokens=False)['input_ids']
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        out.append(b[k:])
+    return out
+
+
 def _reward_chunk(model, processor, images, labels, queries, max_pixels, return_tokens=False):
-    tok = processor.tokenizer
     dev = model.device
     contexts = [chat_context(processor, q, l) for q, l in zip(queries, labels)]
-    enc = processor(text=contexts, images=images, return_tensors='pt', padding=True, padding_side='right',
-                    return_mm_token_type_ids=True,
-                    images_kwargs={'size': {'shortest_edge': 28 * 28, 'longest_edge': max_pixels}})
-    if 'mm_token_type_ids' not in enc:                               # zeros would silently give 1-D positions
+    want = label_tokens(processor.tokenizer, contexts, labels)
+    n_lab = [len(w) for w in want]
+    # the processor expands the image placeholders (only in the context), pads on the right and adds what the
+    # model needs next to input_ids (Qwen: image_grid_thw, mm_token_type_ids; Gemma3: token_type_ids; ...)
+    enc = processor(text=[c + l for c, l in zip(contexts, labels)], images=[[im] for im in images], return_tensors='pt',
+                    padding=True, padding_side='right', add_special_tokens=False, **image_kwargs(processor, max_pixels))
+    if 'image_grid_thw' in enc and 'mm_token_type_ids' not in enc:   # M-RoPE would place the image tokens as text
         raise ValueError(f"{type(processor).__name__} returned no mm_token_type_ids (M-RoPE needs them to place "
                          "the image tokens); upgrade transformers (tested: 5.24)")
-    n_ctx = enc['attention_mask'].sum(1).tolist()                    # real context length of each row
-    label_ids = [tok(l, add_special_tokens=False)['input_ids'] for l in labels]
+    ids = enc['input_ids']                                           # [B, T] right-padded
+    n_all = enc['attention_mask'].sum(1).tolist()                    # real length of each row
     limit = model.config.get_text_config().max_position_embeddings
-    for j, (n, ids) in enumerate(zip(n_ctx, label_ids)):
-        if n >= limit:
-            raise ValueError(f"image {j}: the context alone ({n} tokens) fills the VLM's {limit}-token window; "
+    for j, (n, k) in enumerate(zip(n_all, n_lab)):
+        if n - k >= limit:
+            raise ValueError(f"image {j}: the context alone ({n - k} tokens) fills the VLM's {limit}-token window; "
                              "lower max_pixels or shorten the query")
-        if n + len(ids) > limit:                                     # decision: truncate, warn, keep training
-            warnings.warn(f"label {j} has {len(ids)} tokens; with {n} context tokens it exceeds the VLM's "
-                          f"{limit}-token context, scoring its first {limit - n} tokens only")
-            label_ids[j] = ids[:limit - n]
-    # right-padded rows: [context tokens (with the expanded image tokens)] + [label tokens] + [pad]
-    T = max(n + len(ids) for n, ids in zip(n_ctx, label_ids))
-    B = len(images)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.full((B, T), pad, dtype=torch.long)            # [B, T]
-    attn = torch.zeros(B, T, dtype=torch.long)
-    mm_types = torch.zeros(B, T, dtype=torch.long)                   # 1 marks image tokens (M-RoPE needs it)
-    rows, pos, targets = [], [], []
-    for j, (n, ids) in enumerate(zip(n_ctx, label_ids)):
-        input_ids[j, :n] = enc['input_ids'][j, :n]
-        input_ids[j, n:n + len(ids)] = torch.tensor(ids)
-        attn[j, :n + len(ids)] = 1
-        mm_types[j, :n] = enc['mm_token_type_ids'][j, :n]
-        # the logit at position t predicts token t+1: label token k (at n+k) is read at n+k-1
-        rows += [j] * len(ids)
-        pos += list(range(n - 1, n - 1 + len(ids)))
-        targets += ids
-    inputs = dict(input_ids=input_ids, attention_mask=attn, pixel_values=enc['pixel_values'],
-                  image_grid_thw=enc['image_grid_thw'], mm_token_type_ids=mm_types)
-    inputs = {k: v.to(dev) for k, v in inputs.items()}
-    inputs['pixel_values'] = inputs['pixel_values'].to(model.dtype)
+        if n > limit:                                                # decision: truncate, warn, keep training
+            warnings.warn(f"label {j} has {k} tokens; with {n - k} context tokens it exceeds the VLM's "
+                          f"{limit}-token context, scoring its first {limit - (n - k)} tokens only")
+            n_lab[j], n_all[j] = k - (n - limit), limit
+    if ids.shape[1] > limit:                                         # the label tails past the window go
+        enc = {k: v[:, :limit] if k.endswith(('input_ids', 'attention_mask', 'token_type_ids')) else v
+               for k, v in enc.items()}
+        ids = enc['input_ids']
+    # label token k of row j sits at n_all - n_lab + k; the logit one position earlier predicts it
+    rows = [j for j, k in enumerate(n_lab) for _ in range(k)]
+    pos = [p for n, k in zip(n_all, n_lab) for p in range(n - k - 1, n - 1)]
+    label_ids = [ids[j, n - k:n].tolist() for j, (n, k) in enumerate(zip(n_all, n_lab))]
+    for j, (got, w) in enumerate(zip(label_ids, want)):
+        if got != w[:len(got)]:                                      # the image expansion moved a boundary
+            raise ValueError(f"image {j}: the processor's tokens at the end of the chat are not the label's "
+                             f"{w[:8]}...; this processor/template pair cannot be scored")
+    inputs = {k: v.to(dev) for k, v in enc.items() if torch.is_tensor(v)}
+    if 'pixel_values' in inputs:
+        inputs['pixel_values'] = inputs['pixel_values'].to(model.dtype)
     hidden = model.model(**inputs, use_cache=False).last_hidden_state  # [B, T, H], no [B, T, vocab] logits, no KV cache
     h = hidden[torch.tensor(rows, device=dev), torch.tensor(pos, device=dev)]  # [N, H] label positions only
-    tgt = torch.tensor(targets, device=dev)
-    logp = torch.cat([model.lm_head(hc).float().log_softmax(-1).gather(1, tc[:, None])[:, 0]  # [n, vocab] at a time
-                      for hc, tc in zip(h.split(LOGITS_CHUNK), tgt.split(LOGITS_CHUNK))])  # [N] log P(p_i | x, q, p_<i)
+    tgt = torch.tensor([t for l in label_ids for t in l], device=dev)
+    head, cap = model.get_output_embeddings(), getattr(model.config.get_text_config(), 'final_logit_softcapping', None)
+
+    def logprob(hc, tc):                                             # [n, vocab] at a time
+        logits = head(hc).float()
+        if cap:                                                      # Gemma-2 style soft cap, as the model's forward
+            logits = torch.tanh(logits / cap) * cap
+        return logits.log_softmax(-1).gather(1, tc[:, None])[:, 0]
+    logp = torch.cat([logprob(hc, tc) for hc, tc in zip(h.split(LOGITS_CHUNK), tgt.split(LOGITS_CHUNK))])  # [N] log P(p_i | x, q, p_<i)
+    B = len(images)
     row_t = torch.tensor(rows, device=dev)
     count = torch.bincount(row_t, minlength=B).float()               # N_j label tokens per row
     rew = torch.zeros(B, device=dev).index_add_(0, row_t, logp) / count  # r = (1/N) sum log P = -CE
@@ -233,7 +261,7 @@ def _reward_chunk(model, processor, images, labels, queries, max_pixels, return_
         logp_cpu = logp.cpu().tolist()                               # forward of a tiny model: only on request
         k = 0
         for ids in label_ids:
-            per_tok.append([(tok.decode([t]), lp) for t, lp in zip(ids, logp_cpu[k:k + len(ids)])])
+            per_tok.append([(processor.tokenizer.decode([t]), lp) for t, lp in zip(ids, logp_cpu[k:k + len(ids)])])
             k += len(ids)
     return rew.float().cpu(), per_tok
 
@@ -264,7 +292,7 @@ def generate_text(model, processor, images, texts, temperature=0.0, max_new_toke
     chats = [processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image'}] * len(ims) + [
         {'type': 'text', 'text': t}]}], tokenize=False, add_generation_prompt=True) for ims, t in zip(images, texts)]
     enc = processor(text=chats, images=[im for ims in images for im in ims], return_tensors='pt', padding=True,
-                    padding_side='left', images_kwargs={'size': {'shortest_edge': 28 * 28, 'longest_edge': max_pixels}})
+                    padding_side='left', add_special_tokens=False, **image_kwargs(processor, max_pixels))
     enc = {k: v.to(model.device) for k, v in enc.items()}
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, **sampling)

@@ -354,18 +354,23 @@ def _img(seed, h=64, w=48):
 
 
 def _reference_reward(model, proc, image, query, label):
-    """Independent: full chat (with end-of-turn), full-sequence logits, label positions from character offsets."""
+    """Independent: full chat (with end-of-turn), full-sequence logits (the model's own head, soft cap and all),
+    label positions = the tokens whose characters overlap the label's in the assistant turn."""
     msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': query}]},
             {'role': 'assistant', 'content': [{'type': 'text', 'text': label}]}]
     full = proc.apply_chat_template(msgs, tokenize=False)
-    enc = proc(text=[full], images=[image], return_tensors='pt',
-               images_kwargs={'size': {'shortest_edge': 28 * 28, 'longest_edge': reward.MAX_PIXELS}})
-    n_img = int(enc['image_grid_thw'][0].prod()) // proc.image_processor.merge_size ** 2
-    expanded = full.replace('<|image_pad|>', '<|image_pad|>' * n_img)
+    qwen = hasattr(proc.image_processor, 'merge_size')
+    kw = {'images_kwargs': {'size': {'shortest_edge': 28 * 28, 'longest_edge': reward.MAX_PIXELS}}} if qwen else {}
+    enc = proc(text=[full], images=[[image]], return_tensors='pt', add_special_tokens=False, **kw)
+    if hasattr(proc, 'full_image_sequence'):                       # Gemma 3: <start_of_image> -> the whole block
+        expanded = full.replace(proc.boi_token, proc.full_image_sequence)
+    else:                                                          # Qwen, LLaVA: one placeholder -> n of them
+        n_img = int((enc['input_ids'][0] == proc.image_token_id).sum())
+        expanded = full.replace(proc.image_token, proc.image_token * n_img)
     t = proc.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=False)
     assert t['input_ids'] == enc['input_ids'][0].tolist()
     start = expanded.rindex(label)                                 # the label's characters in the assistant turn
-    pos = [i for i, (a, b) in enumerate(t['offset_mapping']) if a >= start and b <= start + len(label) and b > a]
+    pos = [i for i, (a, b) in enumerate(t['offset_mapping']) if a < start + len(label) and b > start and b > a]
     with torch.no_grad():
         logits = model(**enc).logits[0].float()                   # [T, vocab] the plain way
     ids = enc['input_ids'][0]
@@ -373,13 +378,14 @@ def _reference_reward(model, proc, image, query, label):
     return lp.mean().item(), [proc.tokenizer.decode([int(ids[p])]) for p in pos]
 
 
-@pytest.mark.parametrize('family', ['qwen3', 'qwen2.5'])
+@pytest.mark.parametrize('family', ['qwen3', 'qwen2.5', 'llava', 'gemma3'])
 def test_reward_equals_independent_computation(family, vlm_dir):
-    model, proc = reward.load_vlm(vlm_dir(family))
-    assert type(proc).__name__ in ('Qwen3VLProcessor', 'Qwen2_5_VLProcessor')  # not just a tokenizer
-    enc = proc(text=['<|image_pad|>'], images=[_img(0)], return_tensors='pt')
-    n_pad = (enc['input_ids'] == model.config.image_token_id).sum().item()
-    assert n_pad == enc['image_grid_thw'][0].prod().item() // 4 and n_pad > 1  # image tokens really expanded
+    model, proc = reward.load_vlm(vlm_dir(family))                  # any HF image-text-to-text chat model (SPEC)
+    assert type(proc).__name__ in ('Qwen3VLProcessor', 'Qwen2_5_VLProcessor', 'LlavaProcessor', 'Gemma3Processor')
+    if family.startswith('qwen'):                                   # not just a tokenizer, image tokens expanded
+        enc = proc(text=['<|image_pad|>'], images=[_img(0)], return_tensors='pt')
+        n_pad = (enc['input_ids'] == model.config.image_token_id).sum().item()
+        assert n_pad == enc['image_grid_thw'][0].prod().item() // 4 and n_pad > 1
     labels = ['a red dog', 'a photo of a blue cat and a green monkey, hello world']
     ims = [_img(1), _img(2, 40, 72)]
     r, toks = reward.promptecho_reward(model, proc, ims, labels, return_tokens=True)
@@ -387,7 +393,7 @@ def test_reward_equals_independent_computation(family, vlm_dir):
         want, want_toks = _reference_reward(model, proc, ims[i], reward.QUERY, labels[i])
         assert abs(r[i].item() - want) < 1e-5
         assert [s for s, _ in toks[i]] == want_toks                 # exactly the label's tokens are scored
-        assert ''.join(s for s, _ in toks[i]) == labels[i]          # ... and no end-of-turn token
+        assert ''.join(s for s, _ in toks[i]).replace(' ', '') == labels[i].replace(' ', '')  # no end-of-turn token
     assert r.dtype == torch.float32 and r.shape == (2,)
 
 
