@@ -36,6 +36,14 @@ def group_advantages(rewards, std_norm=True, clip=0.0, positive_only=False, eps=
     return adv
 
 
+def fill_missing(rewards):
+    """rewards [G, K] with NaN where a reward is missing (InferScore could not parse the VLM's answer) ->
+    each NaN replaced by the mean of its group's other rewards, so its advantage is 0 (neither pushed nor
+    pulled); a group with no reward at all gets 0s. The group's std then counts the filled entries."""
+    mean = rewards.nanmean(dim=1, keepdim=True).nan_to_num(0.0)  # [G, 1] mean of the present rewards
+    return torch.where(rewards.isnan(), mean, rewards)
+
+
 # -----------------------------------------------------------------------------
 # timesteps, noising and the flow-matching target
 

@@ -1,6 +1,7 @@
 """Fast tests: python -m pytest -q  (CPU, tiny random models built in conftest.py)."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,15 @@ import awm
 
 # -----------------------------------------------------------------------------
 # awm.py
+
+def test_fill_missing_rewards_by_hand():
+    nan = float('nan')
+    r = torch.tensor([[1.0, nan, 3.0, 4.0], [nan, nan, nan, nan], [2.0, 2.0, nan, 8.0]])
+    want = torch.tensor([[1.0, 8 / 3, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [2.0, 2.0, 4.0, 8.0]])
+    assert torch.allclose(awm.fill_missing(r), want)
+    adv = awm.group_advantages(awm.fill_missing(r))
+    assert adv[0, 1].abs() < 1e-6 and adv[2, 2].abs() < 1e-6 and (adv[1] == 0).all()  # filled entries: advantage 0
+
 
 def test_group_advantages_closed_form():
     r = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 9.0]])
@@ -681,6 +691,25 @@ def test_train_nan_reward_skips_update(tiny_run, tmp_path):
     assert all(v.abs().max() == 0 for k, v in lora.items() if 'lora_B' in k)  # never updated: B still zero
 
 
+def test_train_inferscore_reads_the_vlms_rating(tiny_run, vlm_dir, tmp_path):
+    # The paper's InferScore ablation: the VLM writes a rating, train.py parses it into the reward. A VLM whose
+    # generation config allows one token, which also ends the answer, answers "5" (or "a") to every image,
+    # whatever its random weights: rewards of exactly 5, or unparsable answers that get advantage 0.
+    tok = reward.load_processor(vlm_dir('qwen3')).tokenizer
+    for answer, want_reward, want_unparsed in (('5', 5.0, 0.0), ('a', 0.0, 1.0)):
+        d = tmp_path / f'vlm_{answer}'
+        shutil.copytree(vlm_dir('qwen3'), d)
+        only = tok.convert_tokens_to_ids(answer)
+        gen = json.loads((d / 'generation_config.json').read_text()) if (d / 'generation_config.json').exists() else {}
+        gen.update(eos_token_id=only, pad_token_id=0, suppress_tokens=[i for i in range(len(tok)) if i != only])
+        (d / 'generation_config.json').write_text(json.dumps(gen))
+        out = str(tmp_path / f'run_{answer}')
+        run_train(tiny_run(out_dir=out, vlm=str(d), reward_fn='inferscore', beta=0.0))
+        rows = [json.loads(l) for l in open(os.path.join(out, 'log.jsonl'))]
+        assert [(r['reward_mean'], r['unparsed'], r['skipped']) for r in rows] == [(want_reward, want_unparsed, 0)] * 2
+        assert all(r['adv_abs_mean'] == 0.0 and r['policy'] == 0.0 for r in rows)   # equal ratings: nothing to learn
+
+
 def test_train_bad_config(tiny_run):
     p = subprocess.run([sys.executable, 'train.py', '--lora_rnak=4'], cwd=HERE, capture_output=True, text=True)
     assert p.returncode != 0 and 'unknown config key --lora_rnak; did you mean --lora_rank?' in p.stderr
@@ -691,7 +720,7 @@ def test_train_bad_config(tiny_run):
     p = subprocess.run([sys.executable, 'train.py'] + tiny_run(batch_size=3), cwd=HERE, capture_output=True, text=True)
     assert p.returncode != 0 and 'batch_size=3 must divide' in p.stderr
     p = subprocess.run([sys.executable, 'train.py'] + tiny_run(reward_fn='clip'), cwd=HERE, capture_output=True, text=True)
-    assert p.returncode != 0 and "use 'promptecho', 'random' or 'module:function'" in p.stderr
+    assert p.returncode != 0 and "use 'promptecho', 'inferscore', 'random' or 'module:function'" in p.stderr
     p = subprocess.run([sys.executable, 'train.py'] + tiny_run(reward_fn='nomod:fn'), cwd=HERE, capture_output=True, text=True)
     assert p.returncode != 0 and "cannot load 'nomod:fn'" in p.stderr
 

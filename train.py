@@ -46,7 +46,8 @@ resolution = 1024          # square side in pixels (paper: 1024); cost grows ~qu
 negative_prompt = ''       # the unconditional branch of CFG
 rollout_batch = 8          # images per sampler forward per rank (memory knob, no effect on the result)
 # REWARD
-reward_fn = 'promptecho'   # 'promptecho' | 'random' (control: must not learn) | 'module:function'(images[B,3,H,W], rows) -> [B]
+reward_fn = 'promptecho'   # 'promptecho' | 'inferscore' (paper's ablation: the VLM generates a 0-10 rating)
+                           # | 'random' (control: must not learn) | 'module:function'(images[B,3,H,W], rows) -> [B]
 reward_batch = 8           # images per VLM forward (memory knob)
 vlm_max_pixels = 1024 * 1024  # VLM input resolution cap; 1024^2 = 4096 vision tokens before merging
 # ADVANTAGES
@@ -245,13 +246,14 @@ N = G * K                                                     # rollouts per ite
 problems = [msg for bad, msg in [
     (not model, "set model=DIR (a diffusers directory), e.g. --model=out/toy/zimage"),
     (not prompts, "set prompts=FILE (.jsonl or .txt)"),
-    (reward_fn == 'promptecho' and not vlm, "reward_fn='promptecho' needs vlm=DIR (a transformers VLM directory)"),
+    (reward_fn in ('promptecho', 'inferscore') and not vlm,
+     f"reward_fn={reward_fn!r} needs vlm=DIR (a transformers VLM directory)"),
     (N % world, f"prompts_per_iter*images_per_prompt={N} must divide over {world} ranks"),
     (N % batch_size, f"batch_size={batch_size} must divide the {N} rollouts of an iteration"),
     (batch_size % (world * micro_batch), f"batch_size={batch_size} must be a multiple of world*micro_batch={world * micro_batch}"),
     (beta > 0 and lora_rank == 0, "beta > 0 needs the LoRA (the reference is the model with the LoRA off)"),
-    (reward_fn not in ('promptecho', 'random') and ':' not in reward_fn,
-     f"reward_fn={reward_fn!r}: use 'promptecho', 'random' or 'module:function'"),
+    (reward_fn not in ('promptecho', 'inferscore', 'random') and ':' not in reward_fn,
+     f"reward_fn={reward_fn!r}: use 'promptecho', 'inferscore', 'random' or 'module:function'"),
 ] if bad]
 if problems:
     sys.exit("config error: " + "; ".join(problems))
@@ -278,7 +280,7 @@ optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 ema = [p.detach().clone() for p in params] if ema_beta > 0 else []
 old = [p.detach().clone() for p in params] if clip_range > 0 else []   # the rollout policy, refreshed per iteration
 vlm_model = processor = None
-if reward_fn == 'promptecho':
+if reward_fn in ('promptecho', 'inferscore'):
     vlm_model, processor = reward.load_vlm(vlm, device if vlm_on_gpu else 'cpu', ptdtype)
 reward_plugin = load_fn(reward_fn) if ':' in reward_fn else None
 metric = load_fn(eval_metric) if eval_metric else None
@@ -400,11 +402,19 @@ for it in range(it0, max_iters):
                                            [r.get('query', reward.QUERY) for r in rows], max_batch=reward_batch,
                                            max_pixels=vlm_max_pixels)
         move(vlm_model, device if vlm_on_gpu else 'cpu')
+    elif reward_fn == 'inferscore':                           # ablation: a sampled 0-10 rating, NaN if unparsable
+        move(vlm_model, device)
+        r_local, _ = reward.infer_score(vlm_model, processor, images, [r['prompt'] for r in rows], max_batch=reward_batch,
+                                        max_pixels=vlm_max_pixels, generator_seed=rank_seed(seed, it, rank, 5))
+        move(vlm_model, device if vlm_on_gpu else 'cpu')
     elif reward_fn == 'random':                               # control: a reward that carries no information
         r_local = torch.tensor([rank_seed(seed, it, j, 1) % 10 ** 6 / 1e6 for j in local])
     else:
         r_local = torch.as_tensor(reward_plugin(images, rows), dtype=torch.float32)
     r_all = gather(r_local.float().to(device), world).cpu()  # [N] every rank sees every group's rewards
+    unparsed = r_all.isnan().float().mean().item()
+    if reward_fn == 'inferscore':                             # an unparsable rating gets its group's mean: advantage 0
+        r_all = awm.fill_missing(r_all.view(G, K)).flatten()
     sync(); times['t_reward'] = time.time() - t
 
     # ---------------- ADVANTAGES within each prompt group
@@ -488,6 +498,8 @@ for it in range(it0, max_iters):
            'group_std': r_all.view(G, K).std(1).mean().item(),
            'adv_abs_mean': adv_all.abs().mean().item(), 'adv_max': adv_all.max().item(),
            'grad_norm': float(np.mean(gnorms)) if gnorms else float('nan'), 'lr': lr, 'skipped': skipped}
+    if reward_fn == 'inferscore':
+        row['unparsed'] = unparsed                            # fraction of ratings InferScore could not read
     for k in (stats[0] if stats else {}):
         v = torch.tensor([st[k] for st in stats]).mean().to(device)
         all_reduce_mean_([v], world)
