@@ -680,6 +680,19 @@ def test_train_exact_resume(tiny_run, tmp_path):
     assert [json.loads(l)['iter'] for l in open(os.path.join(part, 'log.jsonl'))] == [0, 1, 2, 3]
 
 
+def test_train_resume_with_ema_newly_on_starts_it_at_the_resumed_weights(tiny_run, tmp_path):
+    # one optimizer step per iteration, after all its micro-batches: in the first iteration after the resume
+    # every micro-batch sees the EMA equal to the weights, so the EMA term is exactly 0 (an EMA left at the
+    # LoRA's initial weights would pull the resumed LoRA back to its start)
+    out = str(tmp_path / 'run')
+    kw = dict(out_dir=out, batch_size=8, micro_batch=2, epochs_per_iter=1)
+    run_train(tiny_run(max_iters=2, **kw))
+    run_train(tiny_run(max_iters=3, resume=True, ema_beta=1.0, **kw))
+    rows = [json.loads(l) for l in open(os.path.join(out, 'log.jsonl'))]
+    assert [r['iter'] for r in rows] == [0, 1, 2] and 'ema' not in rows[1]
+    assert rows[2]['ema'] == 0.0
+
+
 def test_train_nan_reward_skips_update(tiny_run, tmp_path):
     out = str(tmp_path / 'nan')
     stdout = run_train(tiny_run(out_dir=out, reward_fn='conftest:nan_reward'))

@@ -311,7 +311,7 @@ if resume:
     optimizer.load_state_dict(state['optimizer'])
     for g in optimizer.param_groups:                          # --lr / --weight_decay given now win over the checkpoint
         g['lr'], g['weight_decay'] = lr, weight_decay
-    for e, s in zip(ema, state['ema']):
+    for e, s in zip(ema, state['ema'] or [p.detach() for p in params]):   # EMA newly on: start at the resumed weights
         e.copy_(s)
     rng = state['rng'][rank] if rank < len(state['rng']) else state['rng'][0]
     torch.set_rng_state(rng['cpu'])
