@@ -291,7 +291,7 @@ def generate_text(model, processor, images, texts, temperature=0.0, max_new_toke
     eval.py judge and data_prep.py's captioner."""
     chats = [processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image'}] * len(ims) + [
         {'type': 'text', 'text': t}]}], tokenize=False, add_generation_prompt=True) for ims, t in zip(images, texts)]
-    enc = processor(text=chats, images=[im for ims in images for im in ims], return_tensors='pt', padding=True,
+    enc = processor(text=chats, images=[list(ims) for ims in images], return_tensors='pt', padding=True,
                     padding_side='left', add_special_tokens=False, **image_kwargs(processor, max_pixels))
     enc = {k: v.to(model.device) for k, v in enc.items()}
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
