@@ -143,8 +143,9 @@ GEMMA3_TEMPLATE = (  # Gemma 3 style: "<bos><start_of_turn>user\n<start_of_image
 
 
 def sp_tokenizer(special, template, vocab_size=300, **named):
-    """A BPE over Metaspace pieces ("▁word", SentencePiece style), wrapped as a fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A BPE over Metaspace pieces ("▁word", SentencePiece style) that adds its BOS, as Llama's and Gemma's do,
+    wrapped as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     t = Tokenizer(models.BPE(unk_token='<unk>'))
     t.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='first')
@@ -152,6 +153,9 @@ def sp_tokenizer(special, template, vocab_size=300, **named):
     corpus = [c + ' USER: ASSISTANT: user model\n\n' for c in CORPUS]
     t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=['<unk>', '<pad>'] + special,
                                                       show_progress=False))
+    bos = named['bos_token']
+    t.post_processor = processors.TemplateProcessing(single=f'{bos} $A', pair=f'{bos} $A $B',
+                                                     special_tokens=[(bos, t.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=t, unk_token='<unk>', pad_token='<pad>', chat_template=template,
                                    **named)
 
@@ -191,7 +195,10 @@ def other_vlm_components(family, seed=0):
                                           num_attention_heads=2, image_size=32, patch_size=8),
                        mm_tokens_per_image=4, boi_token_index=ids['<start_of_image>'],
                        eoi_token_index=ids['<end_of_image>'], image_token_index=ids['<image_soft_token>'])
-    return Gemma3ForConditionalGeneration(cfg).eval(), Gemma3Processor(
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():                                        # logits of +-100: the soft cap would show (Gemma 3's
+        model.lm_head.weight.mul_(300.0)                         # VLM forward does not apply it, so neither may we)
+    return model, Gemma3Processor(
         image_processor=Gemma3ImageProcessorPil(size={'height': 32, 'width': 32}), tokenizer=tok, image_seq_length=4,
         chat_template=GEMMA3_TEMPLATE)
 

@@ -75,9 +75,9 @@ def load_processor(path, trust_remote_code=False):
     with open(os.path.join(path, 'config.json')) as f:
         model_type = json.load(f)['model_type']
     cls_name = PROCESSOR_MAPPING_NAMES.get(model_type)
-    if cls_name is None:
-        raise ValueError(f"no processor known for model_type {model_type!r}; install torchvision or pass a model "
-                         "whose processor loads with AutoProcessor")
+    if cls_name is None or not cls_name.startswith('Qwen'):     # the fallback below is a Qwen-VL image processor
+        raise ValueError(f"{path}: AutoProcessor could not load the {model_type!r} processor and the torchvision-free "
+                         "fallback only builds Qwen-VL ones; install torchvision")
     ip_cfg = {}
     for name in ('preprocessor_config.json', 'processor_config.json'):      # hub files / transformers-5 saves
         if os.path.isfile(os.path.join(path, name)):
@@ -189,6 +189,13 @@ def image_kwargs(processor, max_pixels):
     return {'images_kwargs': {'size': {'shortest_edge': 28 * 28, 'longest_edge': max_pixels}}}
 
 
+def add_specials(tokenizer, text):
+    """Whether tokenizing chat text should add special tokens: not when the template already wrote the BOS
+    (transformers' rule for apply_chat_template), so a Llama-style tokenizer gets its <s> exactly once."""
+    bos = getattr(tokenizer, 'bos_token', None)
+    return not (bos and text.startswith(bos))
+
+
 def label_tokens(tokenizer, contexts, labels):
     """The label's token ids, as the label is tokenized inside the chat: the tokens of context + label,
     minus the longest prefix they share with the tokens of the context alone. With a newline before the
@@ -196,11 +203,34 @@ def label_tokens(tokenizer, contexts, labels):
     (SentencePiece "ASSISTANT: a cat") the space's piece is scored with the label, as the chat spells it."""
     out = []
     for c, l in zip(contexts, labels):
-        a = tokenizer(c, add_special_tokens=False)['input_ids']
-        b = tokenizer(c + l, add_special_tokens=False)['input_ids']
+        a = tokenizer(c, add_special_tokens=add_specials(tokenizer, c))['input_ids']
+        b = tokenizer(c + l, add_special_tokens=add_specials(tokenizer, c))['input_ids']
         k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         out.append(b[k:])
     return out
+
+
+def model_head(model, inputs, hidden):
+    """hidden [..., H] -> float32 logits as the model's own forward makes them: its output embedding, plus the
+    final soft cap where the forward applies one (Gemma 2 / 4 and PaliGemma do; Gemma 3's VLM does not, whatever
+    its config says). Decided once per model by comparing with its forward at the last position of a batch;
+    a forward that does something else to its logits (e.g. Granite's scaling) is an error, not a wrong reward."""
+    lin = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(), 'final_logit_softcapping', None)
+    heads = {'plain': lambda h: lin(h).float(), 'cap': lambda h: torch.tanh(lin(h).float() / cap) * cap}
+    if getattr(model, '_promptecho_head', None) is None:
+        try:
+            want = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()   # [B, vocab]
+        except TypeError:                                            # a forward without logits_to_keep
+            want = model(**inputs, use_cache=False).logits[:, -1].float()
+        err = {k: (f(hidden[:, -1]) - want).abs().max().item() for k, f in heads.items() if k == 'plain' or cap}
+        best = min(err, key=err.get)
+        if err[best] > 1e-3 * max(1.0, want.abs().max().item()):
+            raise ValueError(f"{type(model).__name__}'s forward post-processes its logits in a way reward.py does not "
+                             f"(max difference {err[best]:.3g} from its output embedding{' and soft cap' if cap else ''}); "
+                             "the reward would be wrong")
+        model._promptecho_head = best
+    return heads[model._promptecho_head]
 
 
 def _reward_chunk(model, processor, images, labels, queries, max_pixels, return_tokens=False):
@@ -211,7 +241,8 @@ def _reward_chunk(model, processor, images, labels, queries, max_pixels, return_
     # the processor expands the image placeholders (only in the context), pads on the right and adds what the
     # model needs next to input_ids (Qwen: image_grid_thw, mm_token_type_ids; Gemma3: token_type_ids; ...)
     enc = processor(text=[c + l for c, l in zip(contexts, labels)], images=[[im] for im in images], return_tensors='pt',
-                    padding=True, padding_side='right', add_special_tokens=False, **image_kwargs(processor, max_pixels))
+                    padding=True, padding_side='right', add_special_tokens=add_specials(processor.tokenizer, contexts[0]),
+                    **image_kwargs(processor, max_pixels))
     if 'image_grid_thw' in enc and 'mm_token_type_ids' not in enc:   # M-RoPE would place the image tokens as text
         raise ValueError(f"{type(processor).__name__} returned no mm_token_type_ids (M-RoPE needs them to place "
                          "the image tokens); upgrade transformers (tested: 5.24)")
@@ -227,8 +258,8 @@ def _reward_chunk(model, processor, images, labels, queries, max_pixels, return_
                           f"{limit}-token context, scoring its first {limit - (n - k)} tokens only")
             n_lab[j], n_all[j] = k - (n - limit), limit
     if ids.shape[1] > limit:                                         # the label tails past the window go
-        enc = {k: v[:, :limit] if k.endswith(('input_ids', 'attention_mask', 'token_type_ids')) else v
-               for k, v in enc.items()}
+        enc = {k: v[:, :limit] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == ids.shape
+               and not k.startswith('pixel') else v for k, v in enc.items()}   # every per-token tensor
         ids = enc['input_ids']
     # label token k of row j sits at n_all - n_lab + k; the logit one position earlier predicts it
     rows = [j for j, k in enumerate(n_lab) for _ in range(k)]
@@ -238,20 +269,13 @@ def _reward_chunk(model, processor, images, labels, queries, max_pixels, return_
         if got != w[:len(got)]:                                      # the image expansion moved a boundary
             raise ValueError(f"image {j}: the processor's tokens at the end of the chat are not the label's "
                              f"{w[:8]}...; this processor/template pair cannot be scored")
-    inputs = {k: v.to(dev) for k, v in enc.items() if torch.is_tensor(v)}
-    if 'pixel_values' in inputs:
-        inputs['pixel_values'] = inputs['pixel_values'].to(model.dtype)
+    inputs = {k: v.to(dev, model.dtype if v.is_floating_point() else v.dtype) for k, v in enc.items() if torch.is_tensor(v)}
     hidden = model.model(**inputs, use_cache=False).last_hidden_state  # [B, T, H], no [B, T, vocab] logits, no KV cache
     h = hidden[torch.tensor(rows, device=dev), torch.tensor(pos, device=dev)]  # [N, H] label positions only
     tgt = torch.tensor([t for l in label_ids for t in l], device=dev)
-    head, cap = model.get_output_embeddings(), getattr(model.config.get_text_config(), 'final_logit_softcapping', None)
-
-    def logprob(hc, tc):                                             # [n, vocab] at a time
-        logits = head(hc).float()
-        if cap:                                                      # Gemma-2 style soft cap, as the model's forward
-            logits = torch.tanh(logits / cap) * cap
-        return logits.log_softmax(-1).gather(1, tc[:, None])[:, 0]
-    logp = torch.cat([logprob(hc, tc) for hc, tc in zip(h.split(LOGITS_CHUNK), tgt.split(LOGITS_CHUNK))])  # [N] log P(p_i | x, q, p_<i)
+    head = model_head(model, inputs, hidden)
+    logp = torch.cat([head(hc).log_softmax(-1).gather(1, tc[:, None])[:, 0]         # [n, vocab] at a time
+                      for hc, tc in zip(h.split(LOGITS_CHUNK), tgt.split(LOGITS_CHUNK))])  # [N] log P(p_i | x, q, p_<i)
     B = len(images)
     row_t = torch.tensor(rows, device=dev)
     count = torch.bincount(row_t, minlength=B).float()               # N_j label tokens per row
@@ -292,7 +316,8 @@ def generate_text(model, processor, images, texts, temperature=0.0, max_new_toke
     chats = [processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image'}] * len(ims) + [
         {'type': 'text', 'text': t}]}], tokenize=False, add_generation_prompt=True) for ims, t in zip(images, texts)]
     enc = processor(text=chats, images=[list(ims) for ims in images], return_tensors='pt', padding=True,
-                    padding_side='left', add_special_tokens=False, **image_kwargs(processor, max_pixels))
+                    padding_side='left', add_special_tokens=add_specials(processor.tokenizer, chats[0]),
+                    **image_kwargs(processor, max_pixels))
     enc = {k: v.to(model.device) for k, v in enc.items()}
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, **sampling)

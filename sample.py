@@ -468,6 +468,7 @@ def load_lora(m, path):
                    use_dora=meta.get('use_dora', any('lora_magnitude_vector' in k for k in sd)),
                    lora_bias=meta.get('lora_bias', any('lora_B' in k and k.endswith('.bias') for k in sd)),
                    use_rslora=meta.get('use_rslora', False))
+        cfg.update({k: meta[k] for k in ('exclude_modules', 'layers_to_transform', 'layers_pattern') if meta.get(k)})
         m.transformer.requires_grad_(False)
         m.transformer.add_adapter(LoraConfig(**cfg))
     res = set_peft_model_state_dict(m.transformer, sd)

@@ -371,14 +371,15 @@ def _reference_reward(model, proc, image, query, label):
     full = proc.apply_chat_template(msgs, tokenize=False)
     qwen = hasattr(proc.image_processor, 'merge_size')
     kw = {'images_kwargs': {'size': {'shortest_edge': 28 * 28, 'longest_edge': reward.MAX_PIXELS}}} if qwen else {}
-    enc = proc(text=[full], images=[[image]], return_tensors='pt', add_special_tokens=False, **kw)
+    msgs[0]['content'][0]['image'] = image                         # transformers' own chat encoding (BOS rule and all)
+    enc = proc.apply_chat_template(msgs, tokenize=True, return_dict=True, return_tensors='pt', processor_kwargs=kw)
     if hasattr(proc, 'full_image_sequence'):                       # Gemma 3: <start_of_image> -> the whole block
         expanded = full.replace(proc.boi_token, proc.full_image_sequence)
     else:                                                          # Qwen, LLaVA: one placeholder -> n of them
         n_img = int((enc['input_ids'][0] == proc.image_token_id).sum())
         expanded = full.replace(proc.image_token, proc.image_token * n_img)
-    t = proc.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=False)
-    assert t['input_ids'] == enc['input_ids'][0].tolist()
+    t = next(t for t in (proc.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=a) for a in (False, True))
+             if t['input_ids'] == enc['input_ids'][0].tolist())    # offsets of exactly the encoded tokens
     start = expanded.rindex(label)                                 # the label's characters in the assistant turn
     pos = [i for i, (a, b) in enumerate(t['offset_mapping']) if a < start + len(label) and b > start and b > a]
     with torch.no_grad():
@@ -420,6 +421,35 @@ def test_processor_without_torchvision_reads_the_legacy_chat_template_json(vlm_d
     proc = reward.load_processor(str(d))
     assert type(proc).__name__ == 'Qwen3VLProcessor'
     assert proc.chat_template == want                           # the processor's template, not the tokenizer's
+
+
+def test_model_head_is_the_models_own():
+    # the reward applies the output embedding (+ soft cap) itself, on label positions only; which one must be
+    # decided by the model's forward: Gemma 2/3 text models cap, Gemma 3's VLM does not, Granite scales
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 7))
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=64)
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(**small, head_dim=16, final_logit_softcapping=30.0)).eval()
+    with torch.no_grad():
+        gemma.lm_head.weight.mul_(300.0)                            # logits of +-100: capped and plain differ
+        hidden = gemma.model(input_ids=ids).last_hidden_state
+        head = reward.model_head(gemma, {'input_ids': ids}, hidden)
+        want = gemma(input_ids=ids).logits.float()                  # [2, 7, 64] the model's own, capped
+        assert gemma._promptecho_head == 'cap' and want.abs().max() < 30.0
+        assert torch.allclose(head(hidden), want, atol=1e-4)
+        granite = GraniteForCausalLM(GraniteConfig(**small, logits_scaling=4.0)).eval()
+        with pytest.raises(ValueError, match='post-processes its logits'):
+            reward.model_head(granite, {'input_ids': ids}, granite.model(input_ids=ids).last_hidden_state)
+
+
+def test_processor_fallback_is_for_qwen_only(vlm_dir, tmp_path):
+    d = tmp_path / 'llava'
+    shutil.copytree(vlm_dir('llava'), d)
+    (d / 'processor_config.json').unlink()                     # AutoProcessor now finds only the tokenizer
+    with pytest.raises(ValueError, match="only builds Qwen-VL ones"):
+        reward.load_processor(str(d))                           # not a Qwen image processor under a LLaVA
 
 
 def test_reward_mask_independent_of_context_and_batching(vlm_dir):
