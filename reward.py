@@ -203,8 +203,8 @@ def label_tokens(tokenizer, contexts, labels):
     (SentencePiece "ASSISTANT: a cat") the space's piece is scored with the label, as the chat spells it."""
     out = []
     for c, l in zip(contexts, labels):
-        a = tokenizer(c, add_special_tokens=add_specials(tokenizer, c))['input_ids']
-        b = tokenizer(c + l, add_special_tokens=add_specials(tokenizer, c))['input_ids']
+        specials = add_specials(tokenizer, c)
+        a, b = (tokenizer(t, add_special_tokens=specials)['input_ids'] for t in (c, c + l))
         k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         out.append(b[k:])
     return out

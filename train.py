@@ -412,8 +412,8 @@ for it in range(it0, max_iters):
     else:
         r_local = torch.as_tensor(reward_plugin(images, rows), dtype=torch.float32)
     r_all = gather(r_local.float().to(device), world).cpu()  # [N] every rank sees every group's rewards
-    unparsed = r_all.isnan().float().mean().item()
     if reward_fn == 'inferscore':                             # an unparsable rating gets its group's mean: advantage 0
+        unparsed = r_all.isnan().float().mean().item()
         r_all = awm.fill_missing(r_all.view(G, K)).flatten()
     sync(); times['t_reward'] = time.time() - t
 
