@@ -58,6 +58,8 @@ def sample_train_sigmas(sigmas, n, k, frac=1.0, stratified=True, generator=None)
     steps * frac, where we round it, and makes the strata edges integers before drawing.)
     """
     steps = sigmas.numel() - 1
+    if steps < 2 or not 0 < frac <= 1:
+        raise ValueError(f"training sigmas need a grid of >= 2 steps and 0 < frac <= 1 (got {steps} steps, frac {frac})")
     hi = max(2, int(round(steps * frac)))                     # usable indices are 1 .. hi-1
     u = torch.rand(n, k, generator=generator)                 # [n, k] in [0, 1)
     if stratified:

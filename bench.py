@@ -6,8 +6,8 @@ Speed and memory of every phase against its obvious baseline, measured in one ru
 
 Rows: rollout (our sampler vs the diffusers pipeline), reward (batched + masked vs a per-sample
 loop; label-only lm_head vs full-sequence logits), update (AWM step vs a plain flow-matching step,
-with and without the KL/EMA terms), and one whole train.py-style iteration with its breakdown.
-Writes out/bench.json. The GPU section of issue #8 (real-size random-weight models) needs a lent GPU.
+with and without the KL/EMA terms). A whole iteration's breakdown is train.py's own log: every
+log.jsonl row has t_rollout, t_reward, t_update, t_eval, t_ckpt and img_per_s. Writes out/bench.json. The GPU section of issue #8 (real-size random-weight models) needs a lent GPU.
 """
 import argparse
 import json
@@ -29,10 +29,10 @@ REWARD_B = 32              # reward: batch size for the batched-vs-loop ratio
 VOCAB_BENCH = 32000        # VLM vocab for the memory row (real Qwen: 151k)
 
 
-def best(fn, repeats=REPEATS):
+def best(fn):
     fn()                                                     # warm-up
     ts = []
-    for _ in range(repeats):
+    for _ in range(REPEATS):                                 # (read at call time: --quick or not)
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)

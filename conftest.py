@@ -224,6 +224,11 @@ def nan_reward(images, rows):
     return torch.full((len(images),), float('nan'))
 
 
+def one_reward(images, rows):
+    """A reward plug-in that returns one number for the whole batch (the shape-check test)."""
+    return torch.tensor([1.0])
+
+
 # -----------------------------------------------------------------------------
 # tiny SD3 and FLUX pipelines (CLIP with a character-level BPE vocab; T5 with a small unigram vocab)
 

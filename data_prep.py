@@ -70,10 +70,15 @@ def vlm_captions(model, processor, images, query=reward.QUERY, max_new_tokens=MA
 
 def caption_folder(root, raw_path, caption_fn, batch=BATCH):
     """Append one row per image not yet in raw_path: {"image": relpath, "caption": ...}, or {"image", "error"}
-    for an unreadable file (listed, not fatal; delete its line to retry it). Written and flushed per batch,
-    so a killed run loses at most one batch. caption_fn(list of PIL) -> list of str. Returns the new rows."""
+    for a file that cannot be read or captioned (listed, not fatal; delete its line to retry it). Written and
+    flushed per batch, so a killed run loses at most one batch. caption_fn(list of PIL) -> list of str.
+    Returns the new rows."""
     from tqdm import tqdm
-    done = {r['image'] for r in reward.read_jsonl(raw_path)}
+    old = reward.read_jsonl(raw_path)
+    bad = next((i for i, r in enumerate(old, 1) if not isinstance(r, dict) or 'image' not in r), None)
+    if bad:
+        raise ValueError(f"{raw_path}:{bad}: not a captions row (no 'image'); is this the right --out?")
+    done = {r['image'] for r in old}
     todo = [p for p in list_images(root) if p not in done]
     os.makedirs(os.path.dirname(os.path.abspath(raw_path)), exist_ok=True)
     new = []
@@ -86,10 +91,19 @@ def caption_folder(root, raw_path, caption_fn, batch=BATCH):
                 names.append(p)
             except Exception as e:                          # any decoder error: record it, go on
                 rows.append({'image': p, 'error': f'{type(e).__name__}: {e}'})
-        caps = caption_fn(ims) if ims else []
+        try:
+            caps = caption_fn(ims) if ims else []
+        except Exception:                                   # one image the VLM's processor refuses (e.g. an
+            caps = []                                       # extreme aspect ratio): caption them one by one
+            for p, im in zip(names, ims):
+                try:
+                    caps += caption_fn([im])
+                except Exception as e:
+                    caps.append(None)
+                    rows.append({'image': p, 'error': f'{type(e).__name__}: {e}'})
         if len(caps) != len(ims):
             raise ValueError(f"caption_fn returned {len(caps)} captions for {len(ims)} images")
-        rows += [{'image': p, 'caption': c} for p, c in zip(names, caps)]
+        rows += [{'image': p, 'caption': c} for p, c in zip(names, caps) if c is not None]
         with open(raw_path, 'a', encoding='utf-8') as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in rows)
             f.flush()

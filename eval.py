@@ -22,6 +22,7 @@ import argparse
 import base64
 import collections
 import functools
+import http.client
 import io
 import json
 import math
@@ -84,9 +85,12 @@ def append_jsonl(path, rows):
 
 
 def write_json(obj, path):
-    """Atomic JSON write (temp file + os.replace)."""
+    """Atomic JSON write (temp file + os.replace); NaN (no pairs to agree on, ...) is written as null."""
+    clean = lambda x: (None if isinstance(x, float) and not math.isfinite(x) else
+                       {k: clean(v) for k, v in x.items()} if isinstance(x, dict) else
+                       [clean(v) for v in x] if isinstance(x, (list, tuple)) else x)
     with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
+        json.dump(clean(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
     os.replace(path + '.tmp', path)
 
 
@@ -240,7 +244,8 @@ def post_json(url, body, headers, timeout=HTTP_TIMEOUT, attempts=HTTP_ATTEMPTS):
                 detail = e.read()[:300].decode('utf-8', 'replace')
                 raise ConnectionError(f"judge endpoint {url} answered HTTP {e.code}: {detail}") from None
             err = f"HTTP {e.code}"
-        except (OSError, json.JSONDecodeError) as e:          # URLError, timeouts, resets, a garbled body
+        except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:   # URLError, timeouts, resets,
+                                                                                 # a cut-off or garbled body
             err = f"{type(e).__name__}: {e}"
         if k + 1 < attempts:
             time.sleep(HTTP_BACKOFF * 2 ** k)
@@ -289,6 +294,7 @@ def render(model, jobs, steps, cfg, size, batch=GEN_BATCH, desc='images'):
     """jobs: (path, prompt, seed) triples; writes the missing PNGs (atomically), skips the rest.
     model: a loaded model, or a function that loads it (called only if something is missing)."""
     from tqdm import tqdm
+    clean_tmp({os.path.dirname(j[0]) for j in jobs})
     todo = [j for j in jobs if not os.path.isfile(j[0])]
     if not todo:
         return 0
@@ -300,6 +306,29 @@ def render(model, jobs, steps, cfg, size, batch=GEN_BATCH, desc='images'):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             sample.save_png(Image.fromarray(a), path)
     return len(todo)
+
+
+def clean_tmp(dirs):
+    """Remove the hidden temp files (sample.save_png's) a killed run left in these folders."""
+    for d in dirs:
+        for f in os.listdir(d) if os.path.isdir(d) else []:
+            if f.startswith('.') and f.endswith('.tmp'):
+                os.remove(os.path.join(d, f))
+
+
+def check_rows(rows, out_dir):
+    """OUT/prompts.jsonl remembers what each id asked: a resume that gives an id another prompt (label, query)
+    is refused, since its images, judgement and rewards belong to the old one; new ids are added."""
+    path = os.path.join(out_dir, 'prompts.jsonl')
+    known = {str(r['id']): r for r in reward.read_jsonl(path)}
+    what = lambda r: {'id': r['id'], 'prompt': r['prompt'], 'label': r.get('label', r['prompt']),
+                      'query': r.get('query', reward.QUERY)}
+    for r in rows:
+        old = known.get(str(r['id']))
+        if old is not None and old != what(r):
+            raise ValueError(f"{out_dir} holds id {r['id']!r} with prompt {old['prompt']!r} (label, query), not "
+                             f"{r['prompt']!r}; use another --out for another prompt set")
+    append_jsonl(path, [what(r) for r in rows if str(r['id']) not in known])
 
 
 def load_t2i(path, lora, device, dtype):
@@ -338,7 +367,8 @@ def densealign_rewards(rows, out_dir, vlm, device, dtype):
     """Per-item PromptEcho rewards of both images (OUT/rewards.jsonl, resumable) -> means and paired difference."""
     from tqdm import tqdm
     path = os.path.join(out_dir, 'rewards.jsonl')
-    done = {str(r['id']): r for r in reward.read_jsonl(path)}
+    vlm_path = os.path.abspath(vlm)                            # a record counts only for the VLM that made it
+    done = {str(r['id']): r for r in reward.read_jsonl(path) if r.get('vlm') == vlm_path}
     todo = [(n, r) for n, r in zip(unique_names(rows), rows) if str(r['id']) not in done]
     if todo:
         vm, vp = reward.load_vlm(vlm, device, dtype)
@@ -350,7 +380,8 @@ def densealign_rewards(rows, out_dir, vlm, device, dtype):
             for side in ('base', 'trained'):
                 ims = [Image.open(os.path.join(out_dir, 'images', side, f'{n}.png')).convert('RGB') for n, _ in chunk]
                 out[side] = reward.promptecho_reward(vm, vp, ims, labels, queries).tolist()
-            recs = [{'id': r['id'], 'base': b, 'trained': t} for (_, r), b, t in zip(chunk, out['base'], out['trained'])]
+            recs = [{'id': r['id'], 'base': b, 'trained': t, 'vlm': vlm_path}
+                    for (_, r), b, t in zip(chunk, out['base'], out['trained'])]
             append_jsonl(path, recs)
             done.update({str(x['id']): x for x in recs})
     recs = [done[str(r['id'])] for r in rows]
@@ -385,6 +416,7 @@ def run_densealign(rows, out_dir, base, lora='', base_lora='', judge='', judge_m
             raise ValueError(f"{out_dir} holds a run with other settings {diff} (old, new); use another --out")
     else:
         write_json(settings, sp)
+    check_rows(rows, out_dir)
     names = dict(zip((str(r['id']) for r in rows), unique_names(rows)))
     made = densealign_images(rows, out_dir, base, lora, base_lora, steps, cfg, size, seed, device, dtype, batch)
     done = {str(r['id']) for r in reward.read_jsonl(os.path.join(out_dir, 'judgements.jsonl'))}
@@ -394,6 +426,11 @@ def run_densealign(rows, out_dir, base, lora='', base_lora='', judge='', judge_m
     records = judge_pairs(rows, img('base'), img('trained'), judge_fn, out_dir, seed)
     res = summarize([r['outcome'] for r in records]) | {'images_generated': made, 'settings': settings}
     if vlm:
+        judge_fn = None                                        # a local judge leaves memory before the reward VLM
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         res |= densealign_rewards(rows, out_dir, vlm, device, dtype)
     write_json(res, os.path.join(out_dir, 'summary.json'))
     return res
@@ -437,8 +474,11 @@ def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, 
     if lora:
         sample.load_lora(m, lora)
     vm, vp = reward.load_vlm(vlm_dir)
+    from tqdm import tqdm
     prompts = [r['prompt'] for r in rows for _ in range(k)]          # k images per prompt, fixed seeds
-    imgs, _ = sample.generate(m, prompts, [seed + i for i in range(len(prompts))], steps, cfg, size, size, '', 32)
+    seeds = [seed + i for i in range(len(prompts))]
+    imgs = torch.cat([sample.generate(m, prompts[i:i + 32], seeds[i:i + 32], steps, cfg, size, size, '', 32)[0]
+                      for i in tqdm(range(0, len(prompts), 32), desc='trained images' if lora else 'base images')])
     r = reward.promptecho_reward(vm, vp, imgs, prompts, query, max_batch=32).view(-1, k)  # [n, k]
     u8 = sample.to_uint8(imgs)
     sc = [toy.score(a, p) for a, p in zip(u8, prompts)]
@@ -488,15 +528,25 @@ def export_geneval(model, prompt_file, out, n=4, steps=50, cfg=4.0, size=1024, s
                 f.write(line + '\n')
             os.replace(meta + '.tmp', meta)
         jobs += [(os.path.join(d, 'samples', f'{k:04d}.png'), prompt, seed + k) for k in range(n)]
+    stale = set()                                              # an earlier export with a larger n: GenEval would
+    for i in range(len(lines)):                                # score every <k>.png of the folder
+        d = os.path.join(out, f'{i:05d}')
+        for f in os.listdir(os.path.join(d, 'samples')):
+            if re.fullmatch(r'\d+\.png', f) and int(f[:-4]) >= n:
+                os.remove(os.path.join(d, 'samples', f))
+                stale.add(d)
     render(model, jobs, steps, cfg, size, batch, 'geneval')
     if grid:                                                   # from the saved samples: no regeneration
         for i in range(len(lines)):
             d = os.path.join(out, f'{i:05d}')
-            if not os.path.isfile(os.path.join(d, 'grid.png')):
-                ims = np.stack([np.asarray(Image.open(os.path.join(d, 'samples', f'{k:04d}.png')).convert('RGB'))
-                                for k in range(n)])                                      # [n, H, W, 3]
-                ims = torch.from_numpy(ims).permute(0, 3, 1, 2).float() / 255          # [n, 3, H, W]
-                sample.save_png(sample.grid(ims, min(n, 4)), os.path.join(d, 'grid.png'))
+            g = os.path.join(d, 'grid.png')
+            if os.path.isfile(g) and d not in stale and all(os.path.getmtime(os.path.join(d, 'samples', f'{k:04d}.png'))
+                                                            <= os.path.getmtime(g) for k in range(n)):
+                continue                                       # up to date
+            ims = np.stack([np.asarray(Image.open(os.path.join(d, 'samples', f'{k:04d}.png')).convert('RGB'))
+                            for k in range(n)])                                          # [n, H, W, 3]
+            ims = torch.from_numpy(ims).permute(0, 3, 1, 2).float() / 255              # [n, 3, H, W]
+            sample.save_png(sample.grid(ims, min(n, 4)), g)
     return len(lines)
 
 
@@ -515,6 +565,7 @@ def export_dpg(model, rows, out, steps=50, cfg=4.0, size=1024, seed=0, batch=GEN
     """DPG-Bench: OUT/<id>.png, a 2x2 grid of 4 samples (seeds seed .. seed + 3) per prompt."""
     from tqdm import tqdm
     os.makedirs(out, exist_ok=True)
+    clean_tmp([out])
     todo = [(n, r) for n, r in zip(unique_names(rows), rows) if not os.path.isfile(os.path.join(out, f'{n}.png'))]
     m = (model() if callable(model) else model) if todo else None
     for n, r in tqdm(todo, desc='dpg'):
@@ -540,9 +591,12 @@ def export_tiif(model, prompts, out, model_name, steps=50, cfg=4.0, size=1024, s
                 typ, texts = row['type'], {k: row[k] for k in ('short_description', 'long_description')}
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"{path}:{ln}: a TIIF row needs type, short_description, long_description") from None
+            if not isinstance(typ, str) or not typ.strip() or typ in ('.', '..') or re.search(r'[/\\\x00]', typ):
+                raise ValueError(f"{path}:{ln}: type {typ!r} cannot be a folder name")
             i = per_type.setdefault(typ, 0)
             per_type[typ] += 1
-            jobs += [(os.path.join(out, file_name(typ), model_name, k, f'{i}.png'), t, seed + i) for k, t in texts.items()]
+            # the folder is the type verbatim ("action+2d"): TIIF's evaluator joins image_dir and the type as is
+            jobs += [(os.path.join(out, typ, model_name, k, f'{i}.png'), t, seed + i) for k, t in texts.items()]
     render(model, jobs, steps, cfg, size, batch, 'tiif')
     return per_type
 
@@ -582,6 +636,10 @@ def main(a):
 
 
 def toy_main(a):
+    if a.lora and not os.path.isfile(a.lora):
+        raise FileNotFoundError(f"LoRA file {a.lora} not found")
+    if min(a.n, a.k, a.stride) < 1:
+        raise ValueError(f"--n {a.n}, --k {a.k} and --stride {a.stride} must be >= 1")
     keep = None
     if a.meanings != 'all':                           # split by whether the policy was pretrained on the meaning
         import toy

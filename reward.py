@@ -350,7 +350,14 @@ def read_jsonl(path):
         data = data[:data.rfind(b'\n') + 1]
         with open(path, 'r+b') as f:
             f.truncate(len(data))
-    return [json.loads(l) for l in data.decode('utf-8').splitlines() if l.strip()]
+    rows = []
+    for i, line in enumerate(data.decode('utf-8').splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not a JSON line ({e}); fix or delete that line") from None
+    return rows
 
 
 # -----------------------------------------------------------------------------

@@ -47,9 +47,15 @@ ZIMAGE_CFG_TRUNC = 1.0     # Z-Image: drop guidance once the model time 1 - sigm
 
 def load_model(path, device='cpu', dtype=torch.float32):
     """Components of a diffusers directory, loaded with from_pretrained(path, subfolder=...)."""
-    if not os.path.exists(path) and path.count('/') == 1 and not path.startswith('.'):
-        from huggingface_hub import snapshot_download     # a hub id, where the hub is reachable
-        path = snapshot_download(path)
+    if not os.path.exists(path):
+        if path.count('/') != 1 or path.startswith(('.', '/', '~')):
+            raise FileNotFoundError(f"model directory {path} not found")
+        from huggingface_hub import snapshot_download     # a hub id ("org/name"), where the hub is reachable
+        try:
+            path = snapshot_download(path)
+        except Exception as e:
+            raise FileNotFoundError(f"model directory {path} not found, and fetching it as a hub id failed "
+                                    f"({type(e).__name__}); give the path of a local diffusers directory") from None
     index = os.path.join(path, 'model_index.json')
     if not os.path.isfile(index):
         raise FileNotFoundError(f"{path} is not a diffusers model directory (no model_index.json)")
@@ -526,8 +532,9 @@ def grid(images, nrow):
 
 def save_png(img, path):
     """Atomic PNG write (a killed run never leaves a truncated image behind)."""
-    tmp = path + '.tmp.png'
-    img.save(tmp)
+    d, name = os.path.split(path)
+    tmp = os.path.join(d, '.' + name + '.tmp')               # hidden: no evaluator's glob or regex picks it up
+    img.save(tmp, format='PNG')
     os.replace(tmp, path)
 
 

@@ -53,6 +53,9 @@ def test_sample_train_sigmas_grid_and_strata():
         assert (idx[:, j] >= edges[j].long()).all() and (idx[:, j] < edges[j + 1].ceil()).all()
     u = awm.sample_train_sigmas(sig, n=2000, k=1, frac=1.0, stratified=False, generator=g)
     assert u.min() < 0.1 and u.max() > 0.9 and (u < 1).all() and (u > 0).all()
+    for grid, frac in ((torch.tensor([1.0, 0.0]), 1.0), (sig, 1.5), (sig, 0.0)):   # no inner level, or out of the grid
+        with pytest.raises(ValueError, match='0 < frac <= 1'):
+            awm.sample_train_sigmas(grid, 4, 3, frac)
 
 
 def test_noising_and_target_closed_form():
@@ -491,11 +494,19 @@ def test_train_exact_resume(tiny_run, tmp_path):
     log = os.path.join(part, 'log.jsonl')
     rows = open(log).readlines()
     open(log, 'w').writelines(rows[:1])                           # ... between the checkpoint and the log write
+    ckpt = os.path.join(part, 'ckpt')                             # ... and between the checkpoint's two renames: the
+    shutil.copytree(ckpt, ckpt + '.old')                          # older checkpoint (here a broken one) is in .old,
+    open(os.path.join(ckpt + '.old', 'state.pt'), 'w').write('older')
+    os.replace(ckpt, ckpt + '.tmp')                               # the complete newer one still in .tmp
     run_train(tiny_run(out_dir=part, max_iters=4, resume=True))
     a, b = lora_of(full), lora_of(part)
     for k in a:
         assert torch.equal(a[k], b[k]), k                         # bit-identical at k + 2
     assert [json.loads(l)['iter'] for l in open(os.path.join(part, 'log.jsonl'))] == [0, 1, 2, 3]
+    p = subprocess.run([sys.executable, 'train.py'] + tiny_run(out_dir=part, max_iters=1), cwd=HERE,
+                       capture_output=True, text=True)            # a fresh start must not overwrite a run
+    assert p.returncode != 0 and 'holds a checkpoint: pass --resume=True' in p.stderr
+    assert torch.equal(lora_of(part)[k], b[k]) and len(open(os.path.join(part, 'log.jsonl')).readlines()) == 4
 
 
 def test_train_resume_with_ema_newly_on_starts_it_at_the_resumed_weights(tiny_run, tmp_path):
@@ -509,6 +520,20 @@ def test_train_resume_with_ema_newly_on_starts_it_at_the_resumed_weights(tiny_ru
     rows = [json.loads(l) for l in open(os.path.join(out, 'log.jsonl'))]
     assert [r['iter'] for r in rows] == [0, 1, 2] and 'ema' not in rows[1]
     assert rows[2]['ema'] == 0.0
+
+
+def test_train_ema_is_updated_once_per_iteration(tiny_run, tmp_path):
+    # as the official code: the EMA moves after the iteration's update, so within an iteration it is the policy
+    # before it. Two optimizer steps, decay 0: the second step's weights differ from the EMA (term > 0); an EMA
+    # updated per optimizer step would equal the weights at every micro-batch (term exactly 0)
+    out = str(tmp_path / 'run')
+    run_train(tiny_run(out_dir=out, batch_size=4, epochs_per_iter=1, ema_beta=1.0, ema_decay=0.0, max_iters=1))
+    row = json.loads(open(os.path.join(out, 'log.jsonl')).readline())
+    assert row['ema'] > 0
+    ema = torch.load(os.path.join(out, 'ckpt', 'state.pt'), weights_only=True)['ema']
+    lora = lora_of(out)                                           # decay 0: after the iteration the EMA is the LoRA
+    assert sorted(round(e.double().abs().sum().item(), 6) for e in ema) == \
+        sorted(round(v.double().abs().sum().item(), 6) for v in lora.values())
 
 
 def test_train_nan_reward_skips_update(tiny_run, tmp_path):
@@ -541,7 +566,7 @@ def test_train_inferscore_reads_the_vlms_rating(tiny_run, vlm_dir, tmp_path):
         assert all(r['adv_abs_mean'] == 0.0 and r['policy'] == 0.0 for r in rows)   # equal ratings: nothing to learn
 
 
-def test_train_bad_config(tiny_run):
+def test_train_bad_config(tiny_run, tmp_path):
     p = subprocess.run([sys.executable, 'train.py', '--lora_rnak=4'], cwd=HERE, capture_output=True, text=True)
     assert p.returncode != 0 and 'unknown config key --lora_rnak; did you mean --lora_rank?' in p.stderr
     p = subprocess.run([sys.executable, 'train.py', '--lr=fast'], cwd=HERE, capture_output=True, text=True)
@@ -554,6 +579,15 @@ def test_train_bad_config(tiny_run):
     assert p.returncode != 0 and "use 'promptecho', 'inferscore', 'random' or 'module:function'" in p.stderr
     p = subprocess.run([sys.executable, 'train.py'] + tiny_run(reward_fn='nomod:fn'), cwd=HERE, capture_output=True, text=True)
     assert p.returncode != 0 and "cannot load 'nomod:fn'" in p.stderr
+    bad = dict(save_every=0, batch_size=0, micro_batch=0, rollout_steps=1, timestep_frac=1.5, dtype='bf16')
+    p = subprocess.run([sys.executable, 'train.py'] + tiny_run(**bad), cwd=HERE, capture_output=True, text=True)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr
+    for msg in ('save_every=0 must be >= 1', 'batch_size=0 must be >= 1', 'micro_batch=0 must be >= 1',
+                'rollout_steps=1 must be >= 2', 'timestep_frac=1.5 must be in (0, 1]', "dtype='bf16': use"):
+        assert msg in p.stderr, (msg, p.stderr)
+    p = subprocess.run([sys.executable, 'train.py'] + tiny_run(reward_fn='conftest:one_reward', out_dir=str(tmp_path / 'r')),
+                       cwd=HERE, capture_output=True, text=True)
+    assert p.returncode != 0 and 'returned shape (1,) for 8 images' in p.stderr and 'Traceback' not in p.stderr
 
 
 def test_readme_table_names_exist():

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -224,6 +225,21 @@ def test_densealign_resume_neither_regenerates_nor_rejudges(t2i_dir, vlm_dir, tm
     assert len(calls) == 4 and res3['n'] == 4 and res3['images_generated'] == {'base': 1, 'trained': 1}
     with pytest.raises(ValueError, match='other settings'):               # never mix runs in one folder
         ev.run_densealign(rows, str(out), **(kw | {'steps': 3}))
+    with pytest.raises(ValueError, match="holds id 'b' with prompt 'a blue cat'"):   # nor prompt sets
+        ev.run_densealign([rows[0], {'id': 'b', 'prompt': 'two violins'}], str(out), **kw)
+    # the rewards of another VLM are computed, not read from the first VLM's records
+    other = tmp_path / 'vlm2'
+    shutil.copytree(vlm_dir('qwen3'), other)
+    vm2, _ = reward.load_vlm(str(other))
+    with torch.no_grad():
+        for p in vm2.parameters():
+            p.mul_(1.5)
+    vm2.save_pretrained(other)
+    vm2, vp2 = reward.load_vlm(str(other))
+    res4 = ev.run_densealign(rows, str(out), vlm=str(other), **kw)
+    ims = [Image.open(out / 'images' / 'base' / n) for n in ('a_1.png', 'b.png', 'c.png')]
+    r2 = reward.promptecho_reward(vm2, vp2, ims, ['a red dog', 'a blue cat', 'a green dog']).mean().item()
+    assert abs(res4['reward_base'] - r2) < 1e-5 and abs(r2 - res['reward_base']) > 1e-3
     with pytest.raises(ValueError, match='nothing to compare'):
         ev.run_densealign(rows, str(tmp_path / 'x'), **(kw | {'lora': ''}))
     print(ev.format_table(res))
@@ -269,6 +285,11 @@ def test_export_geneval_layout_and_resume(t2i_dir, tmp_path):
     loads = []
     ev.export_geneval(lambda: loads.append(1) or m, str(tmp_path / 'g.jsonl'), str(tmp_path / 'g'), n=4, steps=2, size=32)
     assert loads == [] and {p: os.path.getmtime(p) for p in (tmp_path / 'g').rglob('*')} == mtimes
+    # a re-export with a smaller n leaves only n samples (GenEval scores every <k>.png) and a matching grid;
+    # a temp file left by a killed run is removed, and a new one never matches GenEval's sample regex
+    (tmp_path / 'g' / '00000' / 'samples' / '.0000.png.tmp').write_bytes(b'cut')
+    ev.export_geneval(m, str(tmp_path / 'g.jsonl'), str(tmp_path / 'g'), n=2, steps=2, size=32)
+    _geneval_check(m, lines, tmp_path / 'g', n=2)
     with pytest.raises(ValueError, match='g2.jsonl:2'):
         (tmp_path / 'g2.jsonl').write_text(lines[0] + '\nnot json\n')
         ev.export_geneval(m, str(tmp_path / 'g2.jsonl'), str(tmp_path / 'g2'), n=1, steps=2, size=32)
@@ -307,11 +328,11 @@ def test_export_dpg_and_tiif_layouts(t2i_dir, tmp_path):
     tiif = tmp_path / 't.jsonl'
     tiif.write_text('\n'.join(json.dumps({'type': t, 'short_description': f'{t} short {k}',
                                           'long_description': f'{t} long {k}'})
-                              for t, k in (('color', 0), ('text', 0), ('color', 1))) + '\n')
-    assert ev.export_tiif(m, str(tiif), str(tmp_path / 'ti'), 'ours', steps=2, size=32) == {'color': 2, 'text': 1}
+                              for t, k in (('color', 0), ('action+2d', 0), ('color', 1))) + '\n')
+    assert ev.export_tiif(m, str(tiif), str(tmp_path / 'ti'), 'ours', steps=2, size=32) == {'color': 2, 'action+2d': 1}
     files = sorted(os.path.relpath(os.path.join(d, f), tmp_path / 'ti') for d, _, fs in os.walk(tmp_path / 'ti') for f in fs)
-    assert files == sorted(f'{t}/ours/{k}_description/{i}.png' for t, i in (('color', 0), ('color', 1), ('text', 0))
-                           for k in ('short', 'long'))
+    assert files == sorted(f'{t}/ours/{k}_description/{i}.png' for t, i in (('color', 0), ('color', 1), ('action+2d', 0))
+                           for k in ('short', 'long'))                 # the type verbatim: TIIF joins it as is
     want, _ = sample.generate(m, ['color long 1'], [1], 2, 4.0, 32, 32)      # second color row: i = 1, seed + 1
     assert np.abs(_png(tmp_path / 'ti' / 'color' / 'ours' / 'long_description' / '1.png')
                   - sample.to_uint8(want)[0]).max() <= 1
@@ -348,6 +369,28 @@ def test_caption_real_vlm_corrupt_and_resume(vlm_dir, tmp_path):
     assert calls == [] and len(open(raw).readlines()) == 3                # resume: nothing captioned again
     s = data_prep.filter_split(raw, str(tmp_path / 'cap'), min_words=0, max_words=10 ** 6, test_size=1)
     assert s['unreadable'] == ['broken.webp'] and s['kept'] + s['dropped']['duplicate'] == 2
+
+
+def test_caption_an_image_the_vlm_refuses_is_listed(tmp_path):
+    root = tmp_path / 'imgs'
+    _image_folder(root)
+    raw = tmp_path / 'cap.jsonl'
+
+    def fn(ims):                                                          # a processor that refuses one aspect ratio
+        if any(im.size == (48, 40) for im in ims):
+            if len(ims) > 1:
+                raise RuntimeError('batch')
+            raise ValueError('absolute aspect ratio must be smaller than 200')
+        return ['ok'] * len(ims)
+    data_prep.caption_folder(str(root), str(raw), fn, 8)
+    rows = {r['image']: r for r in map(json.loads, open(raw))}
+    assert rows['a.png']['caption'] == 'ok' and 'aspect ratio' in rows['sub/b.JPG']['error'] and len(rows) == 3
+    raw.write_text(json.dumps({'prompt': 'a prompt file, not captions'}) + '\n')
+    with pytest.raises(ValueError, match=r"cap.jsonl:1: not a captions row"):
+        data_prep.caption_folder(str(root), str(raw), fn, 8)
+    raw.write_text(json.dumps({'image': 'a.png', 'caption': 'x'}) + '\nnot json\n' + json.dumps({'image': 'c'}) + '\n')
+    with pytest.raises(ValueError, match=r"cap.jsonl:2: not a JSON line"):
+        data_prep.caption_folder(str(root), str(raw), fn, 8)
 
 
 def test_caption_resume_after_a_kill(tmp_path):
@@ -453,6 +496,19 @@ def test_cli_import_and_clear_errors(tmp_path):
     r = run('eval.py', 'export', '--bench', 'geneval', '--prompts', str(tmp_path / 'none.jsonl'), '--model', 'x',
             '--out', str(tmp_path / 'g'))
     assert r.returncode != 0 and 'not found' in r.stderr and 'Traceback' not in r.stderr
+    (tmp_path / 'g.jsonl').write_text(json.dumps({'prompt': 'a cup'}) + '\n')
+    for model in (str(tmp_path / 'nope'), 'ckpts/zimage'):              # a missing dir; an unreachable "hub id"
+        r = subprocess.run([sys.executable, 'eval.py', 'export', '--bench', 'geneval', '--prompts', str(tmp_path / 'g.jsonl'),
+                            '--model', model, '--out', str(tmp_path / 'g')], cwd=HERE, capture_output=True, text=True,
+                           env=dict(os.environ, HF_HUB_OFFLINE='1'))
+        assert r.returncode != 0 and f'model directory {model} not found' in r.stderr and 'Traceback' not in r.stderr
+    r = run('eval.py', 'toy', '--lora', str(tmp_path / 'missing.safetensors'), '--toy_dir', str(tmp_path / 'nope'))
+    assert r.returncode != 0 and 'LoRA file' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_write_json_is_strict_json(tmp_path):
+    ev.write_json({'agreement': float('nan'), 'x': [1.0, float('inf')], 'n': {'y': 2}}, str(tmp_path / 's.json'))
+    assert _strict_json(tmp_path / 's.json') == {'agreement': None, 'x': [1.0, None], 'n': {'y': 2}}
 
 
 def test_group_agreement_against_a_pair_loop():

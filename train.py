@@ -73,7 +73,8 @@ clip_range = 0.0           # > 0: the official PPO ratio/clip form (official con
 beta = 0.0                 # KL to the reference (LoRA off), beta*||v - v_ref||^2 (official: 1e-3..3e-3, with its
                            # advantages rescaled to [-1, 1]; ours reach +-adv_clip, so the same beta is ~5x weaker)
 ema_beta = 0.0             # pull toward an EMA of the trained weights, ema_beta*||v - v_ema||^2
-ema_decay = 0.95           # EMA decay per optimizer step
+ema_decay = 0.95           # EMA decay per iteration: updated once, after the update (as the official code; its
+                           # dgx configs: 0.3, warmed up as min(0.3, 0.001 * optimizer steps))
 lr = 5e-5                  # AdamW learning rate (paper: 5e-5; official AWM SD3.5: 3e-4)
 weight_decay = 1e-4        # AdamW weight decay (official AWM: 1e-4)
 grad_clip = 1.0            # max global grad norm (official AWM: 1.0); 0 = off
@@ -84,12 +85,13 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # weights and autocast dtype
 grad_checkpointing = torch.cuda.is_available()  # trade compute for activation memory in the update
 vlm_on_gpu = True          # False: the VLM waits on the CPU outside the REWARD phase
-text_encoder_on_gpu = True # False: the text encoder waits on the CPU outside prompt encoding
+text_encoder_on_gpu = True # False: the text encoder(s) wait on the CPU outside prompt encoding
 vae_on_gpu = True          # False: the VAE waits on the CPU outside decoding
 # LOG / CHECKPOINT
 sample_every = 10          # save a grid of fixed prompts every N iterations (0 = never)
 save_every = 10            # checkpoint (atomic, exact resume) every N iterations, and at the end
-eval_every = 0             # evaluate eval_prompts every N iterations (0 = only at start and end)
+eval_every = 0             # evaluate eval_prompts every N iterations (0 = only at start and end), with the
+                           # rollout's steps and CFG (a monitor; eval.py judges at the paper's eval settings)
 eval_metric = ''           # 'module:function'(image uint8 [H,W,3], prompt) -> float, e.g. the toy detector
 eval_n = 64                # held-out prompts used by the eval
 resume = False             # continue from out_dir's latest checkpoint, exactly
@@ -177,9 +179,13 @@ def gather(x, world):
     return torch.cat(parts)
 
 
-def move(module, dev):
-    if module is not None:
-        module.to(dev)
+def move(modules, dev):
+    """Park (or fetch) frozen models; the CUDA cache is released so the next phase can use the memory."""
+    for module in modules if isinstance(modules, list) else [modules]:
+        if module is not None:
+            module.to(dev)
+    if torch.cuda.is_available() and str(dev) == 'cpu':
+        torch.cuda.empty_cache()
 
 
 def sync():
@@ -239,10 +245,17 @@ if ddp:
 else:
     rank, local_rank, world = 0, 0, 1
 master = rank == 0
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-autocast = torch.autocast('cuda', dtype=ptdtype) if device.startswith('cuda') and ptdtype != torch.float32 else nullcontext()
 G, K = prompts_per_iter, images_per_prompt
 N = G * K                                                     # rollouts per iteration, all ranks
+counts = ('max_iters', 'prompts_per_iter', 'images_per_prompt', 'rollout_batch', 'reward_batch', 'epochs_per_iter',
+          'batch_size', 'micro_batch', 'train_timesteps', 'save_every', 'eval_n')
+problems = [f"{k}={globals()[k]} must be >= 1" for k in counts if globals()[k] < 1] + [msg for bad, msg in [
+    (rollout_steps < 2, f"rollout_steps={rollout_steps} must be >= 2 (AWM trains on the grid's inner noise levels)"),
+    (not 0 < timestep_frac <= 1, f"timestep_frac={timestep_frac} must be in (0, 1]"),
+    (dtype not in ('float32', 'bfloat16', 'float16'), f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'"),
+] if bad]
+if problems:                                                  # (before the checks below divide by these)
+    sys.exit("config error: " + "; ".join(problems))
 problems = [msg for bad, msg in [
     (not model, "set model=DIR (a diffusers directory), e.g. --model=out/toy/zimage"),
     (not prompts, "set prompts=FILE (.jsonl or .txt)"),
@@ -257,6 +270,20 @@ problems = [msg for bad, msg in [
 ] if bad]
 if problems:
     sys.exit("config error: " + "; ".join(problems))
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+autocast = torch.autocast('cuda', dtype=ptdtype) if device.startswith('cuda') and ptdtype != torch.float32 else nullcontext()
+ckpt_dir = os.path.join(out_dir, 'ckpt')
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master and resume and not os.path.isdir(ckpt_dir) and os.path.isdir(ckpt_dir + '.old'):
+    # killed between the checkpoint's two renames: ckpt.tmp is complete (it is written before them), .old one save older
+    os.replace(ckpt_dir + '.tmp' if os.path.isdir(ckpt_dir + '.tmp') else ckpt_dir + '.old', ckpt_dir)
+if ddp:
+    dist.barrier()                                            # every rank sees the recovered checkpoint
+if resume and not os.path.isfile(os.path.join(ckpt_dir, 'state.pt')):
+    sys.exit(f"--resume: no checkpoint in {ckpt_dir}" + (" (with several nodes out_dir must be on a shared filesystem)"
+                                                         if world > int(os.environ.get('LOCAL_WORLD_SIZE', world)) else ""))
+if not resume and os.path.isfile(os.path.join(ckpt_dir, 'state.pt')):
+    sys.exit(f"{out_dir} holds a checkpoint: pass --resume=True to continue that run, or another --out_dir to start a new one")
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)                                       # the same LoRA init on every rank
 
@@ -264,6 +291,7 @@ torch.manual_seed(seed)                                       # the same LoRA in
 # models: policy (+ LoRA), frozen VLM, optimizer
 m = sample.load_model(model, device, ptdtype)
 sample.check_size(m, resolution, resolution)
+text_encoders = [getattr(m, k) for k in sorted(vars(m)) if k.startswith('text_encoder')]  # SD3: 3, FLUX: 2
 train_rows = sample.read_prompts(prompts)
 if len(train_rows) < G:
     sys.exit(f"{prompts} has {len(train_rows)} prompts but prompts_per_iter={G}")
@@ -285,19 +313,13 @@ if reward_fn in ('promptecho', 'inferscore'):
 reward_plugin = load_fn(reward_fn) if ':' in reward_fn else None
 metric = load_fn(eval_metric) if eval_metric else None
 eval_rows = sample.read_prompts(eval_prompts)[:eval_n] if eval_prompts else []
-move(m.text_encoder, device)
+move(text_encoders, device)
 neg_cond = sample.encode(m, [negative_prompt])               # the unconditional branch, encoded once
 sigmas = sample.sigma_schedule(m, rollout_steps, resolution, resolution)  # [S + 1], 1 -> 0
 C, h, w = sample.latent_shape(m, resolution, resolution)
 
 it0, log_rows, skipped, base_eval = 0, [], 0, {}
-ckpt_dir = os.path.join(out_dir, 'ckpt')
-log_path = os.path.join(out_dir, 'log.jsonl')
 if resume:
-    if not os.path.isdir(ckpt_dir) and os.path.isdir(ckpt_dir + '.old'):   # killed between the two renames
-        os.replace(ckpt_dir + '.old', ckpt_dir)
-    if not os.path.isfile(os.path.join(ckpt_dir, 'state.pt')):
-        sys.exit(f"--resume: no checkpoint in {ckpt_dir}")
     state = torch.load(os.path.join(ckpt_dir, 'state.pt'), weights_only=True, map_location='cpu')
     if 'log' not in state:
         sys.exit(f"--resume: {ckpt_dir} was written by an older train.py (no log in state.pt); start a new out_dir")
@@ -339,11 +361,11 @@ def evaluate(step):
     if not eval_rows or not master:
         return out
     m.transformer.eval()
-    move(m.text_encoder, device); move(m.vae, device)
+    move(text_encoders, device); move(m.vae, device)
     with autocast:
         imgs, _ = sample.generate(m, [r['prompt'] for r in eval_rows], [rank_seed(seed, 0, i, 7) for i in range(len(eval_rows))],
                                   rollout_steps, rollout_cfg, resolution, resolution, negative_prompt, rollout_batch)
-    move(m.text_encoder, device if text_encoder_on_gpu else 'cpu'); move(m.vae, device if vae_on_gpu else 'cpu')
+    move(text_encoders, device if text_encoder_on_gpu else 'cpu'); move(m.vae, device if vae_on_gpu else 'cpu')
     if metric is not None:
         out['eval_metric'] = float(np.mean([metric(a, r['prompt']) for a, r in zip(sample.to_uint8(imgs), eval_rows)]))
     if vlm_model is not None:
@@ -374,9 +396,9 @@ for it in range(it0, max_iters):
     picks = np.random.default_rng([seed, it]).choice(len(train_rows), G, replace=False)  # G unique prompts
     rows = [train_rows[picks[j // K]] for j in local]
     groups = sorted({j // K for j in local})                  # the prompt groups this rank draws
-    move(m.text_encoder, device)
+    move(text_encoders, device)
     cond_g = sample.encode(m, [train_rows[picks[g]]['prompt'] for g in groups])
-    move(m.text_encoder, device if text_encoder_on_gpu else 'cpu')
+    move(text_encoders, device if text_encoder_on_gpu else 'cpu')
     cond = sample.take(cond_g, [groups.index(j // K) for j in local])       # per rollout, reused by the update
     if 'guidance' in cond:                                    # FLUX.1-dev: train at the rollouts' guidance input
         cond['guidance'] = torch.full_like(cond['guidance'], rollout_cfg)
@@ -411,6 +433,9 @@ for it in range(it0, max_iters):
         r_local = torch.tensor([rank_seed(seed, it, j, 1) % 10 ** 6 / 1e6 for j in local])
     else:
         r_local = torch.as_tensor(reward_plugin(images, rows), dtype=torch.float32)
+        if r_local.shape != (n_local,):
+            sys.exit(f"reward_fn={reward_fn!r} returned shape {tuple(r_local.shape)} for {n_local} images; "
+                     f"it must return one reward per image")
     r_all = gather(r_local.float().to(device), world).cpu()  # [N] every rank sees every group's rewards
     if reward_fn == 'inferscore':                             # an unparsable rating gets its group's mean: advantage 0
         unparsed = r_all.isnan().float().mean().item()
@@ -481,21 +506,20 @@ for it in range(it0, max_iters):
             if torch.isfinite(gn):                                              # same on every rank (grads reduced)
                 optimizer.step()
                 stepped = True
-                if ema:
-                    awm.ema_update(ema, params, ema_decay)
                 gnorms.append(gn.item())
             else:
                 skipped += 1
                 if master:
                     print(f"iter {it}: non-finite gradient, optimizer step skipped on every rank")
             optimizer.zero_grad(set_to_none=True)
+    if ema and stepped:                                       # once per iteration, as the official code: within an
+        awm.ema_update(ema, params, ema_decay)                # iteration the EMA is the policy before it
     sync(); times['t_update'] = time.time() - t
 
     # ---------------- LOG
-    t = time.time()
     row = {'iter': it, 'reward_mean': r_all.mean().item(), 'reward_std': r_all.std().item(),
            'reward_min': r_all.min().item(), 'reward_max': r_all.max().item(),
-           'group_std': r_all.view(G, K).std(1).mean().item(),
+           'group_std': r_all.view(G, K).std(1, correction=0).mean().item(),   # the std the advantages divide by
            'adv_abs_mean': adv_all.abs().mean().item(), 'adv_max': adv_all.max().item(),
            'grad_norm': float(np.mean(gnorms)) if gnorms else float('nan'), 'lr': lr, 'skipped': skipped}
     if reward_fn == 'inferscore':
@@ -504,21 +528,26 @@ for it in range(it0, max_iters):
         v = torch.tensor([st[k] for st in stats]).mean().to(device)
         all_reduce_mean_([v], world)
         row[k] = v.item()
+    t = time.time()
     if (eval_every and (it + 1) % eval_every == 0) or it + 1 == max_iters:
         row |= evaluate(it + 1)
     if it == 0 and base_eval:                                # the eval before any update (plotted at 0)
         row |= {k + '_base': v for k, v in base_eval.items()}
     if master and sample_every and (it + 1) % sample_every == 0:
         fixed = (eval_rows or train_rows)[:4]
-        move(m.text_encoder, device); move(m.vae, device)
+        move(text_encoders, device); move(m.vae, device)
         with autocast:
             imgs, _ = sample.generate(m, [r['prompt'] for r in fixed for _ in range(2)], list(range(8)), rollout_steps,
                                       rollout_cfg, resolution, resolution, negative_prompt, rollout_batch)
-        move(m.text_encoder, device if text_encoder_on_gpu else 'cpu'); move(m.vae, device if vae_on_gpu else 'cpu')
+        move(text_encoders, device if text_encoder_on_gpu else 'cpu'); move(m.vae, device if vae_on_gpu else 'cpu')
         os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
         sample.save_png(sample.grid(imgs, 4), os.path.join(out_dir, 'samples', f'iter_{it + 1:05d}.png'))
+    times['t_eval'] = time.time() - t                         # the eval and the sample grid
+    row |= times
+    row['img_per_s'] = N / max(sum(times.values()), 1e-9)     # the whole iteration but its checkpoint write
 
     # ---------------- CHECKPOINT (atomic; LoRA as diffusers safetensors + optimizer + every rank's RNG)
+    t = time.time()
     if (it + 1) % save_every == 0 or it + 1 == max_iters:
         rng = {'cpu': torch.get_rng_state()} | ({'cuda': torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
         rngs = [None] * world
@@ -532,7 +561,6 @@ for it in range(it0, max_iters):
                 from safetensors.torch import save_file
                 save_file({k: v.contiguous() for k, v in m.transformer.state_dict().items()},
                           os.path.join(tmp, 'transformer.safetensors'))
-            row |= times                                                        # (t_ckpt is added below)
             torch.save({'step': it + 1, 'optimizer': optimizer.state_dict(), 'ema': ema, 'rng': rngs, 'skipped': skipped,
                         'base_eval': base_eval, 'log': [json.dumps(r) for r in log_rows + [row]]},
                        os.path.join(tmp, 'state.pt'))
@@ -542,9 +570,7 @@ for it in range(it0, max_iters):
                 os.replace(ckpt_dir, ckpt_dir + '.old')
             os.replace(tmp, ckpt_dir)                                           # the only moment the ckpt changes
             shutil.rmtree(ckpt_dir + '.old', ignore_errors=True)
-    times['t_ckpt'] = time.time() - t
-    row |= times
-    row['img_per_s'] = N / max(sum(times.values()), 1e-9)
+    row['t_ckpt'] = time.time() - t                           # (not in the checkpoint's copy of this row)
     log_rows.append(row)
     if master:
         with open(log_path, 'a') as f:
