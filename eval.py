@@ -551,14 +551,20 @@ def export_geneval(model, prompt_file, out, n=4, steps=50, cfg=4.0, size=1024, s
 
 
 def read_dpg(path):
-    """DPG-Bench prompts: a folder of <id>.txt files, or a jsonl / txt prompt file with ids."""
+    """DPG-Bench prompts: a folder of <id>.txt files, or a jsonl whose rows carry the DPG item id ("id"):
+    the evaluator finds each item's image by that id, so line numbers would match nothing."""
     if os.path.isdir(path):
         rows = [{'id': f[:-4], 'prompt': open(os.path.join(path, f), encoding='utf-8').read().strip()}
                 for f in sorted(os.listdir(path)) if f.endswith('.txt')]
         if not rows:
             raise ValueError(f"{path} holds no <id>.txt prompt files")
         return rows
-    return sample.read_prompts(path)
+    rows = sample.read_prompts(path)
+    raw = [json.loads(l) for l in open(path, encoding='utf-8') if l.strip()] if path.endswith('.jsonl') else []
+    if len(raw) != len(rows) or any('id' not in r for r in raw):
+        raise ValueError(f"{path}: DPG-Bench needs each prompt's item id: a jsonl with an 'id' in every row, "
+                         f"or the folder of <id>.txt prompt files")
+    return rows
 
 
 def export_dpg(model, rows, out, steps=50, cfg=4.0, size=1024, seed=0, batch=GEN_BATCH):
@@ -620,6 +626,9 @@ def main(a):
         else:
             res = export_tiif(model, a.prompts, a.out, a.model_name, **kw)
         print(f"{a.bench}: {res} prompts -> {a.out}")
+        if a.bench == 'dpg':
+            print(f"score with DPG-Bench's compute_dpg_bench.py --image-root-path {a.out} --resolution {a.size} "
+                  f"--pic-num 4")
         return
     try:
         rows = sample.read_prompts(a.prompts)[:a.n]

@@ -324,6 +324,10 @@ def test_export_dpg_and_tiif_layouts(t2i_dir, tmp_path):
     jl.write_text(json.dumps({'id': 'x9', 'prompt': 'a cup'}) + '\n')
     ev.export_dpg(m, ev.read_dpg(str(jl)), str(tmp_path / 'd2'), steps=2, size=32)
     assert os.listdir(tmp_path / 'd2') == ['x9.png'] and Image.open(tmp_path / 'd2' / 'x9.png').size == (64, 64)
+    for name, text in (('noid.jsonl', json.dumps({'prompt': 'a cup'})), ('p.txt', 'a cup')):   # line numbers are
+        (tmp_path / name).write_text(text + '\n')                                           # no DPG item ids
+        with pytest.raises(ValueError, match="DPG-Bench needs each prompt's item id"):
+            ev.read_dpg(str(tmp_path / name))
     # TIIF: index within each type, both descriptions, a model-name level
     tiif = tmp_path / 't.jsonl'
     tiif.write_text('\n'.join(json.dumps({'type': t, 'short_description': f'{t} short {k}',
