@@ -92,14 +92,28 @@ def load_model(path, device='cpu', dtype=torch.float32):
     return m
 
 
+def max_side(m):
+    """The largest side in pixels the transformer's positional embedding covers (None: no limit): Z-Image's
+    RoPE has axes_lens positions per image axis, SD3's learned table pos_embed_max_size patches per side."""
+    c = m.transformer.config
+    if m.family == 'zimage':
+        return min(c.axes_lens[1:]) * c.all_patch_size[0] * m.vae_scale
+    if m.family == 'sd3' and c.get('pos_embed_max_size'):
+        return c.pos_embed_max_size * c.patch_size * m.vae_scale
+    return None
+
+
 def check_size(m, height, width):
-    """Latents are (packed in) 2x2 patches: sides must be multiples of 2 * vae_scale."""
-    q = 2 * m.vae_scale
+    """Latents are (packed in) 2x2 patches: sides must be multiples of 2 * vae_scale, and within max_side."""
+    q, top = 2 * m.vae_scale, max_side(m)
     for side, name in ((height, 'height'), (width, 'width')):
         if side % q or side <= 0:
             lo, hi = max(q, side // q * q), (side // q + 1) * q
             raise ValueError(f"{name}={side} is not a multiple of {q} for this {m.family} model; "
                              f"nearest valid sizes: {lo} or {hi}")
+        if top and side > top:
+            raise ValueError(f"{name}={side}: this {m.family} transformer's positional embedding covers at most "
+                             f"{top} px per side; use --size {top} or less")
 
 
 def latent_shape(m, height, width):

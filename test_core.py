@@ -334,6 +334,15 @@ def test_sampler_bad_input(t2i_dir, tmp_path):
     m = sample.load_model(t2i_dir('zimage'))
     with pytest.raises(ValueError, match='nearest valid sizes: 32 or 36'):
         sample.check_size(m, 34, 32)
+    # the positional embedding's end: Z-Image's RoPE has axes_lens = 32 positions per axis, 2x2 patches of a
+    # 2x VAE: 128 px draws, 132 px is past the table (the transformer itself fails there) and is refused first
+    assert sample.max_side(m) == 128
+    assert sample.generate(m, ['a red dog'], [0], 1, 0.0, 128, 128)[0].shape == (1, 3, 128, 128)
+    with pytest.raises(ValueError, match='covers at most 128 px per side'):
+        sample.check_size(m, 132, 128)
+    cond = sample.encode(m, ['a red dog'])
+    with pytest.raises(IndexError, match='out of bounds'):
+        sample.euler_sample(m, cond, torch.randn(1, 16, 66, 64), torch.tensor([1.0, 0.0]), 0.0, None)
     bad = tmp_path / 'bad'
     bad.mkdir()
     (bad / 'model_index.json').write_text('{"_class_name": "KandinskyPipeline"}')

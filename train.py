@@ -583,7 +583,7 @@ for it in range(it0, max_iters):
             wandb.log(row, step=it)
 
 if master and base_eval:                                      # held-out before / after, in one file
-    last = {k: v for k, v in log_rows[-1].items() if k.startswith('eval_')} if log_rows else {}
+    last = {k: v for k, v in log_rows[-1].items() if k in base_eval} if log_rows else {}
     write_json({'base': base_eval, 'trained': last, 'iters': max_iters}, os.path.join(out_dir, 'eval_summary.json'))
     print("held-out before -> after: " + ", ".join(f"{k} {base_eval[k]:.4f} -> {last.get(k, float('nan')):.4f}"
                                                      for k in base_eval))
