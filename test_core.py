@@ -51,6 +51,7 @@ def test_sample_train_sigmas_grid_and_strata():
     edges = torch.linspace(1, 18, 7)
     for j in range(6):                                        # column j stays in stratum j
         assert (idx[:, j] >= edges[j].long()).all() and (idx[:, j] < edges[j + 1].ceil()).all()
+    assert set(idx.flatten().tolist()) == set(range(1, 18))   # every index of the noisier 60% is reachable
     u = awm.sample_train_sigmas(sig, n=2000, k=1, frac=1.0, stratified=False, generator=g)
     assert u.min() < 0.1 and u.max() > 0.9 and (u < 1).all() and (u > 0).all()
     for grid, frac in ((torch.tensor([1.0, 0.0]), 1.0), (sig, 1.5), (sig, 0.0)):   # no inner level, or out of the grid
@@ -77,6 +78,8 @@ def test_awm_loss_closed_form_and_terms():
     loss, t = awm.awm_loss(v, tgt, adv)
     # mse per sample = [1, 2]; mean(A * mse) = (2*1 - 1*2)/2 = 0
     assert abs(loss.item() - 0.0) < 1e-7 and abs(t['mse'].item() - 1.5) < 1e-7
+    loss3, _ = awm.awm_loss(v, tgt, torch.tensor([3.0, 1.0]))   # (3*1 + 1*2)/2 = 2.5: a mean, not a sum (5)
+    assert abs(loss3.item() - 2.5) < 1e-7
     v_ref = torch.zeros_like(v) + 1.0
     loss2, t2 = awm.awm_loss(v, tgt, adv, v_ref=v_ref, v_ema=torch.zeros_like(v), beta=0.1, ema_beta=0.01)
     kl = ((v - v_ref) ** 2).mean()                           # = (0+0+1+1)/4 = 0.5
@@ -426,6 +429,64 @@ def test_train_full_iteration(family, tiny_run, tmp_path):
     assert (tuned - base).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize('family,train_cfg', [('zimage', False), ('zimage', True), ('qwenimage', False)])
+def test_train_iteration_equals_a_recomputation(family, train_cfg, tiny_run, vlm_dir, tmp_path):
+    # One iteration of train.py redone here from its documented seeds, with the paper's equations written out:
+    # rollouts, PromptEcho rewards, A = (r - mean_g) / (std_g + 1e-4), x_sigma = (1 - s) x0 + s eps, target
+    # eps - x0, L = mean(A ||v - target||^2). LoRA B starts at 0, so the first step's gradient reaches B only
+    # (A keeps its init, read back from the checkpoint), and Adam's first step is B = -lr g / (|g| + 1e-8).
+    out, seed, lr, G, K, T = str(tmp_path / 'run'), 3, 1e-3, 2, 4, 2
+    run_train(tiny_run(family, out_dir=out, max_iters=1, epochs_per_iter=1, batch_size=8, micro_batch=2,
+                       grad_clip=0.0, weight_decay=0.0, lr=lr, train_cfg=train_cfg, rollout_cfg=3.0, seed=seed))
+    row = json.loads(open(os.path.join(out, 'log.jsonl')).readline())
+    rank_seed = lambda *p: int(np.random.SeedSequence(list(p)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    rows = sample.read_prompts(tiny_run(family)[2].split('=', 1)[1])
+    picks = np.random.default_rng([seed, 0]).choice(len(rows), G, replace=False)
+    prompts = [rows[picks[j // K]]['prompt'] for j in range(G * K)]
+    m = sample.load_model(tiny_run(family)[0].split('=', 1)[1])
+    images, x0 = sample.generate(m, prompts, [rank_seed(seed, 0, j) for j in range(G * K)], 3, 3.0, 32, 32, '', 8)
+    vm, vp = reward.load_vlm(vlm_dir('qwen3'))
+    r = reward.promptecho_reward(vm, vp, images, prompts).view(G, K)
+    assert abs(row['reward_mean'] - r.mean().item()) < 1e-5
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-4)).flatten()
+    sigmas = sample.sigma_schedule(m, 3, 32, 32)
+    sig = torch.cat([awm.sample_train_sigmas(sigmas, 1, T, 0.9, True, torch.Generator().manual_seed(
+        rank_seed(seed, 0, 0, j, 3)))[0] for j in range(G * K)])                          # [G*K*T]
+    eps = torch.cat([torch.randn(T, *x0.shape[1:], generator=torch.Generator().manual_seed(rank_seed(seed, 0, 0, j, 2)))
+                     for j in range(G * K)])                                             # [G*K*T, C, h, w]
+    x0r = x0.repeat_interleave(T, 0)
+    s4 = sig.view(-1, 1, 1, 1)
+    x_sig, target = (1 - s4) * x0r + s4 * eps, eps - x0r
+    cond = sample.encode(m, [p for p in prompts for _ in range(T)])
+    sample.load_lora(m, os.path.join(out, 'ckpt', 'lora.safetensors'))
+    params = {n: p for n, p in m.transformer.named_parameters() if 'lora_' in n}
+    saved_b = {n: p.detach().clone() for n, p in params.items() if 'lora_B' in n}
+    with torch.no_grad():
+        for n in saved_b:
+            params[n].zero_()                                     # the LoRA as it started: B = 0, A as saved
+    for p in params.values():
+        p.requires_grad_(True)
+    v = sample.velocity(m, x_sig, sig, cond)
+    if train_cfg:                                                 # Z-Image guidance, the rollouts' field
+        v_u = sample.velocity(m, x_sig, sig, sample.take(sample.encode(m, ['']), [0] * len(sig)))
+        v = v + 3.0 * (v - v_u)
+    mse = (v - target).pow(2).flatten(1).mean(1)
+    policy = (adv.repeat_interleave(T) * mse).mean()
+    policy.backward()
+    assert abs(row['mse'] - mse.mean().item()) < 1e-4 * mse.mean().item()
+    assert abs(row['policy'] - policy.item()) < 1e-4 * mse.mean().item()
+    gnorm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params.values() if p.grad is not None)).item()
+    assert abs(row['grad_norm'] - gnorm) < 1e-3 * gnorm
+    for n, b in saved_b.items():
+        g = params[n].grad
+        if g is None or g.abs().max() == 0:                       # feeds nothing the loss sees (Qwen-Image's last
+            assert b.abs().max() == 0, n                          # text-stream output): Adam leaves it at 0
+            continue
+        sure = g.abs() > 1e-3 * g.abs().max()                     # (a gradient ~0 may flip sign by summation order)
+        assert torch.allclose(b[sure], -lr * g[sure] / (g[sure].abs() + 1e-8), atol=lr * 1e-2, rtol=0), n
+        assert sure.float().mean() > 0.9 and b.abs().max() <= lr * 1.01
+
+
 def test_train_two_processes_equal_one(tiny_run, tmp_path):
     one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
     run_train(tiny_run(out_dir=one, micro_batch=1))               # 1 rank: 4 micro-steps of 1 per step
@@ -435,9 +496,10 @@ def test_train_two_processes_equal_one(tiny_run, tmp_path):
     for k in a:  # Adam moves each weight by ~lr = 1e-3 per step, so a wrong gradient shows at >= 1e-4;
         # summation order across ranks differs in float32 and Adam's 1/sqrt(v) amplifies it to ~1e-5
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=0), (k, (a[k] - b[k]).abs().max())
-    r1 = [json.loads(l)['reward_mean'] for l in open(os.path.join(one, 'log.jsonl'))]
-    r2 = [json.loads(l)['reward_mean'] for l in open(os.path.join(two, 'log.jsonl'))]
-    assert np.allclose(r1, r2, atol=1e-6)                         # the same rollouts, drawn on other ranks
+    rows1 = [json.loads(l) for l in open(os.path.join(one, 'log.jsonl'))]
+    rows2 = [json.loads(l) for l in open(os.path.join(two, 'log.jsonl'))]
+    for k in ('reward_mean', 'grad_norm', 'mse'):                 # the same rollouts, drawn on other ranks; the
+        assert np.allclose([r[k] for r in rows1], [r[k] for r in rows2], rtol=1e-3, atol=1e-7), k   # same gradient
 
 
 def test_train_group_noise_is_the_groups_on_every_rank(tiny_run, tmp_path):
@@ -617,9 +679,17 @@ def test_readme_table_names_exist():
 
 
 def test_train_full_finetune(tiny_run, tmp_path):
-    out = str(tmp_path / 'full')
+    out, part = str(tmp_path / 'full'), str(tmp_path / 'part')
     run_train(tiny_run(out_dir=out, lora_rank=0, max_iters=1, lr=1e-4))
     tuned = load_file(os.path.join(out, 'ckpt', 'transformer.safetensors'))
     base = sample.load_model(tiny_run()[0].split('=', 1)[1]).transformer.state_dict()
     assert tuned.keys() == base.keys()
-    assert max((tuned[k] - base[k]).abs().max().item() for k in base) > 0   # the whole transformer trained
+    # 4 Adam steps (2 epochs x 2 steps) move each weight by at most ~4 lr, and most weights move at all
+    moved = [(tuned[k] - base[k]).abs() for k in base]
+    assert max(d.max().item() for d in moved) <= 4e-4 * 1.01
+    assert sum((d > 0).sum().item() for d in moved) / sum(d.numel() for d in moved) > 0.5
+    run_train(tiny_run(out_dir=out, lora_rank=0, max_iters=2, lr=1e-4, resume=True))
+    run_train(tiny_run(out_dir=part, lora_rank=0, max_iters=2, lr=1e-4))    # uninterrupted
+    a = load_file(os.path.join(out, 'ckpt', 'transformer.safetensors'))
+    b = load_file(os.path.join(part, 'ckpt', 'transformer.safetensors'))
+    assert all(torch.equal(a[k], b[k]) for k in a)                          # exact resume of full fine-tuning

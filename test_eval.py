@@ -147,8 +147,14 @@ def test_http_judge_on_loopback_with_retries(monkeypatch):
         ev.make_judge('gpt-4o')
 
 
-def test_local_judge_counts_malformed_as_invalid(vlm_dir, tmp_path):
+def test_local_judge_counts_malformed_as_invalid(vlm_dir, tmp_path, monkeypatch):
     judge = ev.local_judge(vlm_dir('qwen3'), max_new_tokens=12)           # a random tiny VLM: it babbles
+    seen, a, b = [], _img(0), _img(255)                                   # what it asks: image_a then image_b
+    with monkeypatch.context() as mp:
+        mp.setattr(ev.reward, 'generate_text', lambda m, p, ims, texts, temp, n: seen.append((ims, texts, temp)) or ['x'])
+        judge('a red dog', a, b)
+    assert seen[0][0][0][0] is a and seen[0][0][0][1] is b and len(seen[0][0][0]) == 2
+    assert seen[0][1] == [ev.JUDGE_PROMPT.format(prompt='a red dog')] and seen[0][2] == ev.JUDGE_TEMPERATURE
     assert isinstance(judge('a red dog', _img(0), _img(255)), str)
     recs = ev.judge_pairs(_rows(2), lambda i: _img(0), lambda i: _img(255), judge, str(tmp_path), seed=0)
     for r in recs:                                                        # never dropped: counted, every answer kept
@@ -535,23 +541,44 @@ def test_group_agreement_against_a_pair_loop():
     assert math.isnan(ev.group_agreement(r, torch.zeros(6, 5))[0])
 
 
-def test_toy_metrics_counts_agree_with_the_detector(tmp_path):
-    """eval.py toy on a tiny toy world: the error kinds cover every image, their 'ok' count is the
-    all-correct accuracy, and the agreement figures match group_agreement recomputed from the images."""
+def test_toy_metrics_on_known_images(tmp_path, monkeypatch):
+    """eval.py toy's bookkeeping on images whose errors are known: the generator and the reward (its
+    dependencies) are replaced by rendered scenes and chosen rewards; every figure is counted by hand."""
     import toy
-    d = toy.prepare(str(tmp_path / 'toy'), steps=(1, 1, 1, 1), n_pretrain=8)
-    n, k, stride = 3, 2, 5
-    res = ev.toy_metrics(d['zimage'], d['vlm'], d['train.jsonl'], n=n, k=k, steps=2, size=64, stride=stride)
-    assert sum(res['errors'].values()) == n * k
-    assert res['errors'].get('ok', 0) == round(res['accuracy'] * n * k)
-    assert res['over_full']['images'] == res['errors'].get('extra', 0)     # toy.surplus sees what error_kind does
-    prompts = [r['prompt'] for r in sample.read_prompts(d['train.jsonl'])[::stride][:n] for _ in range(k)]
-    imgs, _ = sample.generate(sample.load_model(d['zimage']), prompts, list(range(n * k)), 2, 3.5, 64, 64, '', 32)
-    vm, vp = reward.load_vlm(d['vlm'])
-    r = reward.promptecho_reward(vm, vp, imgs, prompts, reward.QUERY).view(n, k)
-    sc = [toy.score(a, p) for a, p in zip(sample.to_uint8(imgs), prompts)]
-    assert res['claims'] == pytest.approx(np.mean([s[0] for s in sc]))
-    assert (res['agreement'], res['pairs']) == pytest.approx(ev.group_agreement(r, torch.tensor([s[0] for s in sc]).view(n, k)), nan_ok=True)
-    assert res['pairs_correct'] == ev.group_agreement(r, torch.tensor([float(s[1]) for s in sc]).view(n, k))[1]
+    obj = lambda shape, color, cx, cy: dict(shape=shape, color=color, x=cx, y=cy, r=10.0)
+    tl, tr, bl, br = (15.5, 15.5), (47.5, 15.5), (15.5, 47.5), (47.5, 47.5)  # the 2 x 2 layout's cells
+    rc, bs = obj('circle', 'red', *tl), obj('square', 'blue', *tr)
+    images = [toy.render([rc]),                                                   # "a red circle": ok
+              np.full((64, 64, 3), 255, np.uint8),                                # blank
+              toy.render([rc, bs]),                                               # "... and a blue square": ok
+              toy.render([rc, bs, obj('circle', 'red', *bl), obj('square', 'blue', *br)]),  # extra: both rows,
+              toy.render([obj('triangle', 'green', *tl), obj('square', 'green', *tr)]),      # 2 copies; attr
+              toy.render([obj('triangle', 'green', *tl), obj('triangle', 'green', *tr)])]    # "two green ...": ok
+    prompts = ['a red circle', 'a red circle and a blue square', 'two green triangles']
+    f = tmp_path / 'p.jsonl'
+    f.write_text(''.join(json.dumps({'prompt': p}) + '\n' for p in prompts))
+    r = torch.tensor([0.5, 0.1, 0.2, 0.9, 0.3, 0.4])
+    asked = []
+
+    def generate(m, ps, seeds, *a):
+        asked.append((ps, seeds))
+        keep = [i for i in range(6) if prompts[i // 2] in ps]
+        return torch.from_numpy(np.stack([images[i] for i in keep])).permute(0, 3, 1, 2).float() / 255, None
+    monkeypatch.setattr(ev.sample, 'load_model', lambda *a, **k: 'policy')
+    monkeypatch.setattr(ev.reward, 'load_vlm', lambda *a, **k: (None, None))
+    monkeypatch.setattr(ev.sample, 'generate', generate)
+    monkeypatch.setattr(ev.reward, 'promptecho_reward', lambda vm, vp, imgs, ps, *a, **k: r[:len(ps)])
+    res = ev.toy_metrics('m', 'v', str(f), n=3, k=2, seed=7)
+    assert asked == [([p for p in prompts for _ in range(2)], list(range(7, 13)))]   # k images per prompt
+    assert res['errors'] == {'ok': 3, 'blank': 1, 'extra': 1, 'attr': 1} and res['accuracy'] == 0.5
+    assert res['claims'] == pytest.approx((1 + 0 + 1 + 0 + 0.5 + 1) / 6)  # extra: 0 of 3 claims, attr: 1 of 2
+    assert res['over_full'] == {'images': 1, 'both_rows': 1, 'copies': 2, 'recoloured': 0}
+    assert res['reward'] == pytest.approx(r.mean().item())
+    # pairs with different claims satisfied: (ok 0.5 > blank 0.1) agrees, (ok 0.2 < extra 0.9) does not,
+    # (ok 0.4 > attr 0.3) agrees; the all-correct vs wrong pairs are the same three
+    assert (res['agreement'], res['pairs']) == (pytest.approx(2 / 3), 3)
+    assert (res['agreement_correct'], res['pairs_correct']) == (pytest.approx(2 / 3), 3)
+    res = ev.toy_metrics('m', 'v', str(f), n=3, k=2, keep=lambda p: 'two' not in p)   # a filter: 2 prompts
+    assert res['errors'] == {'ok': 2, 'blank': 1, 'extra': 1}
     with pytest.raises(ValueError, match='left to evaluate'):              # a filter that keeps nothing
-        ev.toy_metrics(d['zimage'], d['vlm'], d['heldout.jsonl'], keep=lambda p: False)
+        ev.toy_metrics('m', 'v', str(f), keep=lambda p: False)

@@ -165,6 +165,9 @@ def test_reward_bad_input(vlm_dir, tmp_path):
         assert len(toks[0]) == 60 - n_ctx and torch.isfinite(r).all()
     finally:
         cfg.max_position_embeddings = old
+    kept = [t for t, _ in toks[0]]
+    want, want_toks = _reference_reward(model, proc, _img(0, 32, 32), reward.QUERY, ''.join(kept).strip())
+    assert want_toks == kept and abs(r.item() - want) < 1e-5      # the label's first tokens, scored as usual
 
 
 def test_reward_means_something():
@@ -210,10 +213,13 @@ def test_ocr_label_and_infer_score(vlm_dir):
     assert reward.parse_score('8') == 8.0
     assert math.isnan(reward.parse_score('no idea')) and math.isnan(reward.parse_score('3.5 stars'))
     model, proc = reward.load_vlm(vlm_dir('qwen3'))
-    s, answers = reward.infer_score(model, proc, [_img(0), _img(1)], ['a dog', 'a cat'], max_new_tokens=4)
-    assert len(answers) == 2
-    for v, a in zip(s.tolist(), answers):                          # a random VLM mostly babbles: NaN, never 0
-        assert (math.isnan(v) and math.isnan(reward.parse_score(a))) or v == reward.parse_score(a)
+    for answer, want in (('7', 7.0), ('a', float('nan'))):         # a generation config that can only say `answer`
+        only = proc.tokenizer.convert_tokens_to_ids(answer)
+        model.generation_config.update(eos_token_id=only, pad_token_id=0,
+                                       suppress_tokens=[i for i in range(len(proc.tokenizer)) if i != only])
+        s, answers = reward.infer_score(model, proc, [_img(0), _img(1)], ['a dog', 'a cat'], max_new_tokens=4)
+        assert answers == [answer] * 2 and torch.equal(s.isnan(), torch.tensor([math.isnan(want)] * 2))
+        assert math.isnan(want) or s.tolist() == [want] * 2
 
 
 def test_reward_logits_chunking_is_exact(vlm_dir, monkeypatch):
