@@ -429,35 +429,45 @@ def test_train_full_iteration(family, tiny_run, tmp_path):
     assert (tuned - base).abs().max() > 1e-6
 
 
+def _rank_seed(*parts):
+    """train.py's documented derivation of every random draw from (seed, iteration, ...)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def _redo_iteration(m, vm, vp, rows, seed, it, G=2, K=4, T=2, steps=3, cfg=3.0, size=32):
+    """Iteration `it` of train.py redone from its documented seeds with m's current weights, the paper's
+    equations written out: rollouts, PromptEcho rewards, A = (r - mean_g) / (std_g + 1e-4), x_sigma =
+    (1 - s) x0 + s eps, target eps - x0 (epoch 0's draws). -> rewards [G, K] and, one row per (rollout,
+    timestep): advantages, x_sigma, target, sigma, prompt conditioning."""
+    picks = np.random.default_rng([seed, it]).choice(len(rows), G, replace=False)
+    prompts = [rows[picks[j // K]]['prompt'] for j in range(G * K)]
+    images, x0 = sample.generate(m, prompts, [_rank_seed(seed, it, j) for j in range(G * K)], steps, cfg, size, size, '', 8)
+    r = reward.promptecho_reward(vm, vp, images, prompts).view(G, K)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-4)).flatten()
+    sigmas = sample.sigma_schedule(m, steps, size, size)
+    sig = torch.cat([awm.sample_train_sigmas(sigmas, 1, T, 0.9, True, torch.Generator().manual_seed(
+        _rank_seed(seed, it, 0, j, 3)))[0] for j in range(G * K)])                        # [G*K*T]
+    eps = torch.cat([torch.randn(T, *x0.shape[1:], generator=torch.Generator().manual_seed(_rank_seed(seed, it, 0, j, 2)))
+                     for j in range(G * K)])                                             # [G*K*T, C, h, w]
+    x0r, s4 = x0.repeat_interleave(T, 0), sig.view(-1, 1, 1, 1)
+    return (r, adv.repeat_interleave(T), (1 - s4) * x0r + s4 * eps, eps - x0r, sig,
+            sample.encode(m, [p for p in prompts for _ in range(T)]))
+
+
 @pytest.mark.parametrize('family,train_cfg', [('zimage', False), ('zimage', True), ('qwenimage', False)])
 def test_train_iteration_equals_a_recomputation(family, train_cfg, tiny_run, vlm_dir, tmp_path):
-    # One iteration of train.py redone here from its documented seeds, with the paper's equations written out:
-    # rollouts, PromptEcho rewards, A = (r - mean_g) / (std_g + 1e-4), x_sigma = (1 - s) x0 + s eps, target
-    # eps - x0, L = mean(A ||v - target||^2). LoRA B starts at 0, so the first step's gradient reaches B only
-    # (A keeps its init, read back from the checkpoint), and Adam's first step is B = -lr g / (|g| + 1e-8).
-    out, seed, lr, G, K, T = str(tmp_path / 'run'), 3, 1e-3, 2, 4, 2
+    # Iteration 0 of train.py against _redo_iteration and L = mean(A ||v - target||^2). LoRA B starts at 0, so
+    # the first step's gradient reaches B only (A keeps its init, read back from the checkpoint), and Adam's
+    # first step is B = -lr g / (|g| + 1e-8).
+    out, seed, lr = str(tmp_path / 'run'), 3, 1e-3
     run_train(tiny_run(family, out_dir=out, max_iters=1, epochs_per_iter=1, batch_size=8, micro_batch=2,
                        grad_clip=0.0, weight_decay=0.0, lr=lr, train_cfg=train_cfg, rollout_cfg=3.0, seed=seed))
     row = json.loads(open(os.path.join(out, 'log.jsonl')).readline())
-    rank_seed = lambda *p: int(np.random.SeedSequence(list(p)).generate_state(2, np.uint64)[0] >> np.uint64(1))
-    rows = sample.read_prompts(tiny_run(family)[2].split('=', 1)[1])
-    picks = np.random.default_rng([seed, 0]).choice(len(rows), G, replace=False)
-    prompts = [rows[picks[j // K]]['prompt'] for j in range(G * K)]
     m = sample.load_model(tiny_run(family)[0].split('=', 1)[1])
-    images, x0 = sample.generate(m, prompts, [rank_seed(seed, 0, j) for j in range(G * K)], 3, 3.0, 32, 32, '', 8)
     vm, vp = reward.load_vlm(vlm_dir('qwen3'))
-    r = reward.promptecho_reward(vm, vp, images, prompts).view(G, K)
+    r, adv, x_sig, target, sig, cond = _redo_iteration(m, vm, vp, sample.read_prompts(tiny_run()[2].split('=', 1)[1]),
+                                                       seed, 0)
     assert abs(row['reward_mean'] - r.mean().item()) < 1e-5
-    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-4)).flatten()
-    sigmas = sample.sigma_schedule(m, 3, 32, 32)
-    sig = torch.cat([awm.sample_train_sigmas(sigmas, 1, T, 0.9, True, torch.Generator().manual_seed(
-        rank_seed(seed, 0, 0, j, 3)))[0] for j in range(G * K)])                          # [G*K*T]
-    eps = torch.cat([torch.randn(T, *x0.shape[1:], generator=torch.Generator().manual_seed(rank_seed(seed, 0, 0, j, 2)))
-                     for j in range(G * K)])                                             # [G*K*T, C, h, w]
-    x0r = x0.repeat_interleave(T, 0)
-    s4 = sig.view(-1, 1, 1, 1)
-    x_sig, target = (1 - s4) * x0r + s4 * eps, eps - x0r
-    cond = sample.encode(m, [p for p in prompts for _ in range(T)])
     sample.load_lora(m, os.path.join(out, 'ckpt', 'lora.safetensors'))
     params = {n: p for n, p in m.transformer.named_parameters() if 'lora_' in n}
     saved_b = {n: p.detach().clone() for n, p in params.items() if 'lora_B' in n}
@@ -471,7 +481,7 @@ def test_train_iteration_equals_a_recomputation(family, train_cfg, tiny_run, vlm
         v_u = sample.velocity(m, x_sig, sig, sample.take(sample.encode(m, ['']), [0] * len(sig)))
         v = v + 3.0 * (v - v_u)
     mse = (v - target).pow(2).flatten(1).mean(1)
-    policy = (adv.repeat_interleave(T) * mse).mean()
+    policy = (adv * mse).mean()
     policy.backward()
     assert abs(row['mse'] - mse.mean().item()) < 1e-4 * mse.mean().item()
     assert abs(row['policy'] - policy.item()) < 1e-4 * mse.mean().item()
@@ -485,6 +495,35 @@ def test_train_iteration_equals_a_recomputation(family, train_cfg, tiny_run, vlm
         sure = g.abs() > 1e-3 * g.abs().max()                     # (a gradient ~0 may flip sign by summation order)
         assert torch.allclose(b[sure], -lr * g[sure] / (g[sure].abs() + 1e-8), atol=lr * 1e-2, rtol=0), n
         assert sure.float().mean() > 0.9 and b.abs().max() <= lr * 1.01
+
+
+def test_train_later_iterations_roll_out_the_policy_and_anchor_to_the_base(tiny_run, vlm_dir, tmp_path):
+    # Iteration 1, resumed from iteration 0's checkpoint, one optimizer step per iteration: its rollouts are
+    # drawn by that checkpoint's LoRA policy, every micro-batch sees those weights, and the KL term's
+    # reference is the model with the LoRA off: kl = mean ||v_lora - v_base||^2 over _redo_iteration's rows
+    out, seed = str(tmp_path / 'run'), 3
+    kw = dict(out_dir=out, epochs_per_iter=1, batch_size=8, micro_batch=2, beta=0.5, seed=seed, rollout_cfg=3.0, lr=3e-2)
+    run_train(tiny_run(max_iters=1, **kw))
+    lora1 = str(tmp_path / 'lora1.safetensors')
+    shutil.copy(os.path.join(out, 'ckpt', 'lora.safetensors'), lora1)
+    run_train(tiny_run(max_iters=2, resume=True, **kw))
+    row = [json.loads(l) for l in open(os.path.join(out, 'log.jsonl'))][1]
+    m = sample.load_model(tiny_run()[0].split('=', 1)[1])
+    vm, vp = reward.load_vlm(vlm_dir('qwen3'))
+    rows = sample.read_prompts(tiny_run()[2].split('=', 1)[1])
+    r_base = _redo_iteration(m, vm, vp, rows, seed, 1)[0]
+    sample.load_lora(m, lora1)
+    r, adv, x_sig, target, sig, cond = _redo_iteration(m, vm, vp, rows, seed, 1)
+    assert abs(row['reward_mean'] - r.mean().item()) < 1e-5 < abs(row['reward_mean'] - r_base.mean().item())
+    with torch.no_grad():
+        v = sample.velocity(m, x_sig, sig, cond)
+        m.transformer.disable_adapters()
+        v_base = sample.velocity(m, x_sig, sig, cond)
+        m.transformer.enable_adapters()
+    kl = (v - v_base).pow(2).flatten(1).mean(1).mean().item()
+    policy = (adv * (v - target).pow(2).flatten(1).mean(1)).mean().item()
+    assert kl > 0 and abs(row['kl'] - kl) < 1e-3 * kl
+    assert abs(row['policy'] - policy) < 1e-4 * row['mse']
 
 
 def test_train_two_processes_equal_one(tiny_run, tmp_path):
