@@ -94,13 +94,16 @@ def caption_folder(root, raw_path, caption_fn, batch=BATCH):
         try:
             caps = caption_fn(ims) if ims else []
         except Exception:                                   # one image the VLM's processor refuses (e.g. an
-            caps = []                                       # extreme aspect ratio): caption them one by one
+            caps, errs = [], []                             # extreme aspect ratio): caption them one by one
             for p, im in zip(names, ims):
                 try:
                     caps += caption_fn([im])
                 except Exception as e:
                     caps.append(None)
-                    rows.append({'image': p, 'error': f'{type(e).__name__}: {e}'})
+                    errs.append({'image': p, 'error': f'{type(e).__name__}: {e}'})
+            if len(ims) > 1 and len(errs) == len(ims):     # every image fails: the VLM's fault, not theirs;
+                raise                                       # stop (nothing of this batch written: a rerun resumes)
+            rows += errs
         if len(caps) != len(ims):
             raise ValueError(f"caption_fn returned {len(caps)} captions for {len(ims)} images")
         rows += [{'image': p, 'caption': c} for p, c in zip(names, caps) if c is not None]

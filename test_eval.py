@@ -395,6 +395,14 @@ def test_caption_an_image_the_vlm_refuses_is_listed(tmp_path):
     data_prep.caption_folder(str(root), str(raw), fn, 8)
     rows = {r['image']: r for r in map(json.loads, open(raw))}
     assert rows['a.png']['caption'] == 'ok' and 'aspect ratio' in rows['sub/b.JPG']['error'] and len(rows) == 3
+    def broken(ims):                                                      # a VLM that fails on every image
+        raise RuntimeError('CUDA out of memory')
+    n = len(open(raw).readlines())
+    (root / 'c.png').write_bytes((root / 'a.png').read_bytes())
+    (root / 'd.png').write_bytes((root / 'a.png').read_bytes())
+    with pytest.raises(RuntimeError, match='out of memory'):              # stops, records nothing: a rerun resumes
+        data_prep.caption_folder(str(root), str(raw), broken, 8)
+    assert len(open(raw).readlines()) == n
     raw.write_text(json.dumps({'prompt': 'a prompt file, not captions'}) + '\n')
     with pytest.raises(ValueError, match=r"cap.jsonl:1: not a captions row"):
         data_prep.caption_folder(str(root), str(raw), fn, 8)
