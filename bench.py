@@ -7,7 +7,8 @@ Speed and memory of every phase against its obvious baseline, measured in one ru
 Rows: rollout (our sampler vs the diffusers pipeline), reward (batched + masked vs a per-sample
 loop; label-only lm_head vs full-sequence logits), update (AWM step vs a plain flow-matching step,
 with and without the KL/EMA terms). A whole iteration's breakdown is train.py's own log: every
-log.jsonl row has t_rollout, t_reward, t_update, t_eval, t_ckpt and img_per_s. Writes out/bench.json. The GPU section of issue #8 (real-size random-weight models) needs a lent GPU.
+log.jsonl row has t_rollout, t_reward, t_update, t_eval and img_per_s, and t_ckpt (rows a resume
+read back from a checkpoint lack t_ckpt, which is measured after the checkpoint is written). Writes out/bench.json. The GPU section of issue #8 (real-size random-weight models) needs a lent GPU.
 """
 import argparse
 import json

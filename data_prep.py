@@ -28,6 +28,7 @@ import reward
 
 MIN_WORDS = 200           # captions shorter than this are dropped (paper: 200-400 words)
 MAX_WORDS = 400           # captions longer than this are dropped
+IMAGE_ERRORS = (ValueError, TypeError, OSError)   # what a processor raises for an image it cannot take
 TEST_SIZE = 2000          # held-out captions (the DenseAlignBench size)
 BATCH = 8                 # images per generate call
 MAX_NEW_TOKENS = 600      # caption length cap in tokens (400 English words are about 520 tokens)
@@ -93,17 +94,14 @@ def caption_folder(root, raw_path, caption_fn, batch=BATCH):
                 rows.append({'image': p, 'error': f'{type(e).__name__}: {e}'})
         try:
             caps = caption_fn(ims) if ims else []
-        except Exception:                                   # one image the VLM's processor refuses (e.g. an
-            caps, errs = [], []                             # extreme aspect ratio): caption them one by one
-            for p, im in zip(names, ims):
-                try:
+        except IMAGE_ERRORS:                                # an image the VLM's processor refuses (e.g. an extreme
+            caps = []                                       # aspect ratio): caption them one by one, list the bad
+            for p, im in zip(names, ims):                   # ones. Other errors (out of memory, ...) stop the run
+                try:                                        # with nothing of the batch written: a rerun resumes
                     caps += caption_fn([im])
-                except Exception as e:
+                except IMAGE_ERRORS as e:
                     caps.append(None)
-                    errs.append({'image': p, 'error': f'{type(e).__name__}: {e}'})
-            if len(ims) > 1 and len(errs) == len(ims):     # every image fails: the VLM's fault, not theirs;
-                raise                                       # stop (nothing of this batch written: a rerun resumes)
-            rows += errs
+                    rows.append({'image': p, 'error': f'{type(e).__name__}: {e}'})
         if len(caps) != len(ims):
             raise ValueError(f"caption_fn returned {len(caps)} captions for {len(ims)} images")
         rows += [{'image': p, 'caption': c} for p, c in zip(names, caps) if c is not None]

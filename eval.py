@@ -400,7 +400,7 @@ def run_densealign(rows, out_dir, base, lora='', base_lora='', judge='', judge_m
     for f in (lora, base_lora):
         if f and not os.path.isfile(f):
             raise FileNotFoundError(f"LoRA file {f} not found")
-    if not os.path.isdir(base) and (base.count('/') != 1 or base.startswith('.')):   # not a dir, not a hub id
+    if not os.path.isdir(base) and not sample.is_hub_id(base):
         raise FileNotFoundError(f"model directory {base} not found")
     if device is None:
         device, dtype = device_dtype()
@@ -416,6 +416,7 @@ def run_densealign(rows, out_dir, base, lora='', base_lora='', judge='', judge_m
             raise ValueError(f"{out_dir} holds a run with other settings {diff} (old, new); use another --out")
     else:
         write_json(settings, sp)
+    unique_names(rows)                                         # (before check_rows records the ids)
     check_rows(rows, out_dir)
     names = dict(zip((str(r['id']) for r in rows), unique_names(rows)))
     made = densealign_images(rows, out_dir, base, lora, base_lora, steps, cfg, size, seed, device, dtype, batch)

@@ -49,9 +49,15 @@ def load_vlm(path, device='cpu', dtype=torch.float32, trust_remote_code=False):
         if not os.path.isfile(os.path.join(path, 'config.json')):
             raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json); "
                                     "pass the folder that holds config.json and the *.safetensors weights")
-    elif os.path.sep in path or path.startswith('.'):
+    elif path.count('/') != 1 or path.startswith(('.', '/', '~')):   # no local dir and no 'org/name' hub id
         raise FileNotFoundError(f"VLM directory {path} does not exist")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:                                      # a hub id the hub cannot give (offline, unknown)
+        if os.path.isdir(path):
+            raise
+        raise FileNotFoundError(f"VLM directory {path} does not exist, and fetching it as a hub id failed "
+                                f"({type(e).__name__}); give the path of a local transformers directory") from None
     model.to(device).eval().requires_grad_(False)
     return model, load_processor(path, trust_remote_code)
 
@@ -346,10 +352,17 @@ def read_jsonl(path):
         return []
     with open(path, 'rb') as f:
         data = f.read()
-    if data and not data.endswith(b'\n'):                 # a partial last line: cut it, so appends stay valid
-        data = data[:data.rfind(b'\n') + 1]
-        with open(path, 'r+b') as f:
-            f.truncate(len(data))
+    if data and not data.endswith(b'\n'):                 # a last line without its newline:
+        last = data[data.rfind(b'\n') + 1:]
+        try:                                               # whole (a file written by hand): end it, so appends
+            json.loads(last)                               # start on a new line
+            data += b'\n'
+            with open(path, 'ab') as f:
+                f.write(b'\n')
+        except ValueError:                                 # cut by a kill: drop it, so appends stay valid
+            data = data[:len(data) - len(last)]
+            with open(path, 'r+b') as f:
+                f.truncate(len(data))
     rows = []
     for i, line in enumerate(data.decode('utf-8').splitlines(), 1):
         if line.strip():

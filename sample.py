@@ -45,10 +45,15 @@ ZIMAGE_CFG_TRUNC = 1.0     # Z-Image: drop guidance once the model time 1 - sigm
 # -----------------------------------------------------------------------------
 # loading
 
+def is_hub_id(path):
+    """'org/name' that is no local path: fetched from the model hub where it is reachable."""
+    return not os.path.exists(path) and path.count('/') == 1 and not path.startswith(('.', '/', '~'))
+
+
 def load_model(path, device='cpu', dtype=torch.float32):
-    """Components of a diffusers directory, loaded with from_pretrained(path, subfolder=...)."""
+    """Components of a diffusers directory (or hub id), loaded with from_pretrained(path, subfolder=...)."""
     if not os.path.exists(path):
-        if path.count('/') != 1 or path.startswith(('.', '/', '~')):
+        if not is_hub_id(path):
             raise FileNotFoundError(f"model directory {path} not found")
         from huggingface_hub import snapshot_download     # a hub id ("org/name"), where the hub is reachable
         try:
@@ -113,7 +118,7 @@ def check_size(m, height, width):
                              f"nearest valid sizes: {lo} or {hi}")
         if top and side > top:
             raise ValueError(f"{name}={side}: this {m.family} transformer's positional embedding covers at most "
-                             f"{top} px per side; use --size {top} or less")
+                             f"{top} px per side; use a size of {top} px or less")
 
 
 def latent_shape(m, height, width):

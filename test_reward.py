@@ -1,7 +1,10 @@
 """Fast tests of reward.py (the PromptEcho reward) on tiny random VLMs built in conftest.py: python -m pytest -q"""
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -155,6 +158,13 @@ def test_reward_bad_input(vlm_dir, tmp_path):
         reward.promptecho_reward(model, proc, [_img(0)], ['  '])
     with pytest.raises(FileNotFoundError, match='not a transformers model directory'):
         reward.load_vlm(str(tmp_path))
+    # a hub id ('org/name', the configs' default) is fetched; offline it is a clear error
+    p = subprocess.run([sys.executable, '-c', "import reward; reward.load_vlm('org/no-such-vlm')"],
+                       cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1'))
+    assert 'VLM directory org/no-such-vlm does not exist, and fetching it as a hub id failed' in p.stderr
+    with pytest.raises(FileNotFoundError, match='VLM directory ./no/such does not exist'):
+        reward.load_vlm('./no/such')
     # a label longer than the context: decided = truncate with a warning, score the tokens that fit
     cfg = model.config.get_text_config()
     old, cfg.max_position_embeddings = cfg.max_position_embeddings, 60

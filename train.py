@@ -15,6 +15,7 @@ import difflib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -274,15 +275,16 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 autocast = torch.autocast('cuda', dtype=ptdtype) if device.startswith('cuda') and ptdtype != torch.float32 else nullcontext()
 ckpt_dir = os.path.join(out_dir, 'ckpt')
 log_path = os.path.join(out_dir, 'log.jsonl')
-if master and resume and not os.path.isdir(ckpt_dir) and os.path.isdir(ckpt_dir + '.old'):
-    # killed between the checkpoint's two renames: ckpt.tmp is complete (it is written before them), .old one save older
-    os.replace(ckpt_dir + '.tmp' if os.path.isdir(ckpt_dir + '.tmp') else ckpt_dir + '.old', ckpt_dir)
+if master and resume and not os.path.isdir(ckpt_dir):         # killed before the last rename of a save: a ckpt.tmp
+    done = os.path.isfile(os.path.join(ckpt_dir + '.tmp', 'state.pt'))   # holding state.pt is complete (written
+    if done or os.path.isdir(ckpt_dir + '.old'):              # last, atomically), else .old is the previous save
+        os.replace(ckpt_dir + '.tmp' if done else ckpt_dir + '.old', ckpt_dir)
 if ddp:
     dist.barrier()                                            # every rank sees the recovered checkpoint
 if resume and not os.path.isfile(os.path.join(ckpt_dir, 'state.pt')):
     sys.exit(f"--resume: no checkpoint in {ckpt_dir}" + (" (with several nodes out_dir must be on a shared filesystem)"
                                                          if world > int(os.environ.get('LOCAL_WORLD_SIZE', world)) else ""))
-if not resume and os.path.isfile(os.path.join(ckpt_dir, 'state.pt')):
+if not resume and any(os.path.isfile(os.path.join(d, 'state.pt')) for d in (ckpt_dir, ckpt_dir + '.tmp', ckpt_dir + '.old')):
     sys.exit(f"{out_dir} holds a checkpoint: pass --resume=True to continue that run, or another --out_dir to start a new one")
 os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)                                       # the same LoRA init on every rank
@@ -290,7 +292,10 @@ torch.manual_seed(seed)                                       # the same LoRA in
 # -----------------------------------------------------------------------------
 # models: policy (+ LoRA), frozen VLM, optimizer
 m = sample.load_model(model, device, ptdtype)
-sample.check_size(m, resolution, resolution)
+try:
+    sample.check_size(m, resolution, resolution)
+except ValueError as e:
+    sys.exit(f"config error: resolution={resolution}: {e}")
 text_encoders = [getattr(m, k) for k in sorted(vars(m)) if k.startswith('text_encoder')]  # SD3: 3, FLUX: 2
 train_rows = sample.read_prompts(prompts)
 if len(train_rows) < G:
@@ -513,7 +518,7 @@ for it in range(it0, max_iters):
                     print(f"iter {it}: non-finite gradient, optimizer step skipped on every rank")
             optimizer.zero_grad(set_to_none=True)
     if ema and stepped:                                       # once per iteration, as the official code: within an
-        awm.ema_update(ema, params, ema_decay)                # iteration the EMA is the policy before it
+        awm.ema_update(ema, params, ema_decay)                # iteration the EMA stays as the last one left it
     sync(); times['t_update'] = time.time() - t
 
     # ---------------- LOG
@@ -554,7 +559,8 @@ for it in range(it0, max_iters):
         dist.all_gather_object(rngs, rng) if ddp else rngs.__setitem__(0, rng)
         if master:
             tmp = ckpt_dir + '.tmp'
-            os.makedirs(tmp, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)                             # no file of an older, killed save
+            os.makedirs(tmp)
             if lora_rank > 0:
                 sample.save_lora(m, os.path.join(tmp, 'lora.safetensors'))
             else:
@@ -563,8 +569,8 @@ for it in range(it0, max_iters):
                           os.path.join(tmp, 'transformer.safetensors'))
             torch.save({'step': it + 1, 'optimizer': optimizer.state_dict(), 'ema': ema, 'rng': rngs, 'skipped': skipped,
                         'base_eval': base_eval, 'log': [json.dumps(r) for r in log_rows + [row]]},
-                       os.path.join(tmp, 'state.pt'))
-            import shutil
+                       os.path.join(tmp, 'state.pt.part'))
+            os.replace(os.path.join(tmp, 'state.pt.part'), os.path.join(tmp, 'state.pt'))   # last: tmp is complete
             shutil.rmtree(ckpt_dir + '.old', ignore_errors=True)                 # a leftover from a killed rmtree
             if os.path.isdir(ckpt_dir):
                 os.replace(ckpt_dir, ckpt_dir + '.old')
