@@ -416,9 +416,8 @@ def run_densealign(rows, out_dir, base, lora='', base_lora='', judge='', judge_m
             raise ValueError(f"{out_dir} holds a run with other settings {diff} (old, new); use another --out")
     else:
         write_json(settings, sp)
-    unique_names(rows)                                         # (before check_rows records the ids)
-    check_rows(rows, out_dir)
-    names = dict(zip((str(r['id']) for r in rows), unique_names(rows)))
+    names = dict(zip((str(r['id']) for r in rows), unique_names(rows)))   # (checks the ids before check_rows
+    check_rows(rows, out_dir)                                                # records them)
     made = densealign_images(rows, out_dir, base, lora, base_lora, steps, cfg, size, seed, device, dtype, batch)
     done = {str(r['id']) for r in reward.read_jsonl(os.path.join(out_dir, 'judgements.jsonl'))}
     if judge_fn is None and any(str(r['id']) not in done for r in rows):
@@ -615,9 +614,8 @@ def main(a):
         print("toy:", json.dumps(toy_main(a), indent=2))
         return
     if a.cmd == 'export':
-        for f in (a.lora,):
-            if f and not os.path.isfile(f):
-                raise FileNotFoundError(f"LoRA file {f} not found")
+        if a.lora and not os.path.isfile(a.lora):
+            raise FileNotFoundError(f"LoRA file {a.lora} not found")
         model = functools.cache(lambda: load_t2i(a.model, a.lora, dev, dtype))
         kw = dict(steps=a.steps, cfg=a.cfg, size=a.size, seed=a.seed, batch=a.batch)
         if a.bench == 'geneval':
@@ -706,6 +704,7 @@ def parser():
         p.add_argument('--cfg', type=float, default=3.5 if p is t else 4.0)
         p.add_argument('--size', type=int, default=64 if p is t else 1024)
         p.add_argument('--seed', type=int, default=0)
+    for p in (d, e):
         p.add_argument('--batch', type=int, default=GEN_BATCH, help="images per generate call")
     return ap
 
