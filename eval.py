@@ -463,7 +463,8 @@ def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, 
     """Held-out accuracy of a toy policy (+ LoRA) by the exact detector, its mean PromptEcho reward, and
     the within-group agreement: over pairs of images of the same prompt whose detector scores differ,
     the fraction the reward orders the same way (what group advantages need; 0.5 = chance); and the same
-    over pairs of an all-correct image and a wrong one only (agreement_correct); what the wrong images get
+    over pairs of an all-correct image and a wrong one only (agreement_correct); the best of 1, 2, 4, ..., k
+    (best_of); what the wrong images get
     wrong (errors: toy.error_kind counts) and what the over-full ones hold (over_full: toy.surplus). n prompts: every stride-th line of prompts_file (of those whose
     prompt passes keep, when given)."""
     import toy
@@ -485,13 +486,28 @@ def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, 
     frac = torch.tensor([s[0] for s in sc]).view(-1, k)                                   # [n, k] claims satisfied
     correct = torch.tensor([float(s[1]) for s in sc])
     agree, pairs = group_agreement(r, frac)
-    agree_ok, pairs_ok = group_agreement(r, correct.view(-1, k))   # all-correct image vs a wrong one only
+    ok = correct.view(-1, k)                                                              # [n, k] all-correct
+    agree_ok, pairs_ok = group_agreement(r, ok)                    # all-correct image vs a wrong one only
     over = [x for x in (toy.surplus(a, p) for a, p in zip(u8, prompts)) if x is not None]
     return {'accuracy': correct.mean().item(), 'claims': frac.mean().item(), 'reward': r.mean().item(),
+            'best_of': best_of(r, ok),
             'agreement': agree, 'pairs': pairs, 'agreement_correct': agree_ok, 'pairs_correct': pairs_ok,
             'errors': dict(collections.Counter(toy.error_kind(a, p) for a, p in zip(u8, prompts))),
             'over_full': {'images': len(over), 'both_rows': sum(x[0] for x in over),           # toy.surplus
                           'copies': sum(x[1] for x in over), 'recoloured': sum(x[2] for x in over)}}
+
+
+def best_of(r, ok):
+    """Best of the first j images of each prompt, j = 1, 2, 4, ..., k: 'pass', the fraction of prompts with an
+    all-correct one (what sharpening the policy toward its own best samples could reach at most), and
+    'reward_pick', the accuracy of the one the reward ranks first (best-of-j reranking; the first on ties).
+    r, ok: [n, k] reward and all-correct (0/1). -> {j: {'pass', 'reward_pick'}}."""
+    out, j = {}, 1
+    while j <= r.shape[1]:
+        pick = ok[:, :j].gather(1, r[:, :j].argmax(1, keepdim=True))                     # [n, 1]
+        out[j] = {'pass': ok[:, :j].amax(1).mean().item(), 'reward_pick': pick.mean().item()}
+        j *= 2
+    return out
 
 
 def group_agreement(r, score):

@@ -549,6 +549,23 @@ def test_group_agreement_against_a_pair_loop():
     assert math.isnan(ev.group_agreement(r, torch.zeros(6, 5))[0])
 
 
+def test_best_of_against_a_loop():
+    g = torch.Generator().manual_seed(1)
+    r = torch.randn(7, 8, generator=g)
+    ok = (torch.rand(7, 8, generator=g) < 0.3).float()
+    res = ev.best_of(r, ok)
+    assert sorted(res) == [1, 2, 4, 8]
+    for j, got in res.items():
+        any_ok = sum(max(ok[n, :j].tolist()) for n in range(7)) / 7
+        picked = sum(ok[n, max(range(j), key=lambda i: r[n, i].item())].item() for n in range(7)) / 7
+        assert got == {'pass': pytest.approx(any_ok), 'reward_pick': pytest.approx(picked)}
+    assert res[1]['pass'] == res[1]['reward_pick'] == pytest.approx(ok[:, 0].mean().item())
+    for j, got in ev.best_of(ok, ok).items():        # a reward equal to the detector picks as well as any can
+        assert got['reward_pick'] == got['pass']
+    all_ok = sum(min(ok[n].tolist()) for n in range(7)) / 7
+    assert ev.best_of(-ok, ok)[8]['reward_pick'] == pytest.approx(all_ok)   # its opposite picks a wrong one if any
+
+
 def test_toy_metrics_on_known_images(tmp_path, monkeypatch):
     """eval.py toy's bookkeeping on images whose errors are known: the generator and the reward (its
     dependencies) are replaced by rendered scenes and chosen rewards; every figure is counted by hand."""
@@ -586,7 +603,12 @@ def test_toy_metrics_on_known_images(tmp_path, monkeypatch):
     # (ok 0.4 > attr 0.3) agrees; the all-correct vs wrong pairs are the same three
     assert (res['agreement'], res['pairs']) == (pytest.approx(2 / 3), 3)
     assert (res['agreement_correct'], res['pairs_correct']) == (pytest.approx(2 / 3), 3)
+    # best of 1: the first images (ok, ok, attr); of 2: every prompt has an all-correct image, and the
+    # reward picks ok (0.5), extra (0.9), ok (0.4)
+    assert res['best_of'] == {1: {'pass': pytest.approx(2 / 3), 'reward_pick': pytest.approx(2 / 3)},
+                              2: {'pass': 1.0, 'reward_pick': pytest.approx(2 / 3)}}
     res = ev.toy_metrics('m', 'v', str(f), n=3, k=2, keep=lambda p: 'two' not in p)   # a filter: 2 prompts
     assert res['errors'] == {'ok': 2, 'blank': 1, 'extra': 1}
+    assert res['best_of'][2] == {'pass': 1.0, 'reward_pick': 0.5}
     with pytest.raises(ValueError, match='left to evaluate'):              # a filter that keeps nothing
         ev.toy_metrics('m', 'v', str(f), keep=lambda p: False)
