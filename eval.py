@@ -464,9 +464,9 @@ def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, 
     the within-group agreement: over pairs of images of the same prompt whose detector scores differ,
     the fraction the reward orders the same way (what group advantages need; 0.5 = chance); and the same
     over pairs of an all-correct image and a wrong one only (agreement_correct); the best of 1, 2, 4, ..., k
-    (best_of); what the wrong images get
-    wrong (errors: toy.error_kind counts) and what the over-full ones hold (over_full: toy.surplus). n prompts: every stride-th line of prompts_file (of those whose
-    prompt passes keep, when given)."""
+    images (best_of); what the wrong images get wrong (errors: toy.error_kind counts) and what the over-full
+    ones hold (over_full: toy.surplus). n prompts: every stride-th line of prompts_file (of those whose prompt
+    passes keep, when given)."""
     import toy
     rows = [r for r in sample.read_prompts(prompts_file) if keep is None or keep(r['prompt'])][::stride][:n]
     if not rows:
@@ -498,15 +498,14 @@ def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, 
 
 
 def best_of(r, ok):
-    """Best of the first j images of each prompt, j = 1, 2, 4, ..., k: 'pass', the fraction of prompts with an
-    all-correct one (what sharpening the policy toward its own best samples could reach at most), and
+    """Best of the first j images of each prompt, j = 1, 2, 4, ... and k: 'pass', the fraction of prompts with
+    an all-correct one (what sharpening the policy toward its own best samples could reach at most), and
     'reward_pick', the accuracy of the one the reward ranks first (best-of-j reranking; the first on ties).
     r, ok: [n, k] reward and all-correct (0/1). -> {j: {'pass', 'reward_pick'}}."""
-    out, j = {}, 1
-    while j <= r.shape[1]:
+    k, out = r.shape[1], {}
+    for j in sorted({2 ** i for i in range(k.bit_length())} | {k}):
         pick = ok[:, :j].gather(1, r[:, :j].argmax(1, keepdim=True))                     # [n, 1]
         out[j] = {'pass': ok[:, :j].amax(1).mean().item(), 'reward_pick': pick.mean().item()}
-        j *= 2
     return out
 
 
