@@ -105,10 +105,7 @@ def caption_folder(root, raw_path, caption_fn, batch=BATCH):
         if len(caps) != len(ims):
             raise ValueError(f"caption_fn returned {len(caps)} captions for {len(ims)} images")
         rows += [{'image': p, 'caption': c} for p, c in zip(names, caps) if c is not None]
-        with open(raw_path, 'a', encoding='utf-8') as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
+        reward.append_jsonl(raw_path, rows)
         new += rows
     return new
 
@@ -171,9 +168,7 @@ def filter_split(raw_path, out_stem, min_words=MIN_WORDS, max_words=MAX_WORDS, t
                'test': len(test), 'dropped': why, 'min_words': min_words, 'max_words': max_words,
                'unreadable': [r['image'] for r in rows.values() if 'error' in r],
                'words_histogram': histogram(words)}
-    with open(out_stem + '_summary.json.tmp', 'w', encoding='utf-8') as f:
-        json.dump(summary, f, indent=2, ensure_ascii=False)
-    os.replace(out_stem + '_summary.json.tmp', out_stem + '_summary.json')
+    reward.write_json(summary, out_stem + '_summary.json')
     return summary
 
 

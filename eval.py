@@ -75,24 +75,7 @@ REWARD_CHUNK = 32          # image pairs loaded per PromptEcho reward call (--vl
 
 
 # -----------------------------------------------------------------------------
-# small file helpers
-
-
-def append_jsonl(path, rows):
-    with open(path, 'a', encoding='utf-8') as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in rows)
-        f.flush()
-
-
-def write_json(obj, path):
-    """Atomic JSON write (temp file + os.replace); NaN (no pairs to agree on, ...) is written as null."""
-    clean = lambda x: (None if isinstance(x, float) and not math.isfinite(x) else
-                       {k: clean(v) for k, v in x.items()} if isinstance(x, dict) else
-                       [clean(v) for v in x] if isinstance(x, (list, tuple)) else x)
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        json.dump(clean(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
-    os.replace(path + '.tmp', path)
-
+# small helpers (the jsonl / json files: reward.py)
 
 def file_name(row_id):
     """A row id as a file name: path separators and odd characters become '_'."""
@@ -206,7 +189,7 @@ def judge_pairs(rows, base_image, trained_image, judge_fn, out_dir, seed=0):
         o = outcome(pref, swapped)
         rec = {'id': row['id'], 'swapped': swapped, 'preference': pref, 'outcome': o,
                'winner': {1: 'trained', -1: 'baseline', 0: 'tie', None: 'invalid'}[o], 'answers': answers}
-        append_jsonl(path, [rec])
+        reward.append_jsonl(path, [rec])
         records.append(rec)
     return records
 
@@ -328,7 +311,7 @@ def check_rows(rows, out_dir):
         if old is not None and old != what(r):
             raise ValueError(f"{out_dir} holds id {r['id']!r} with prompt {old['prompt']!r} (label, query), not "
                              f"{r['prompt']!r}; use another --out for another prompt set")
-    append_jsonl(path, [what(r) for r in rows if str(r['id']) not in known])
+    reward.append_jsonl(path, [what(r) for r in rows if str(r['id']) not in known])
 
 
 def load_t2i(path, lora, device, dtype):
@@ -382,7 +365,7 @@ def densealign_rewards(rows, out_dir, vlm, device, dtype):
                 out[side] = reward.promptecho_reward(vm, vp, ims, labels, queries).tolist()
             recs = [{'id': r['id'], 'base': b, 'trained': t, 'vlm': vlm_path}
                     for (_, r), b, t in zip(chunk, out['base'], out['trained'])]
-            append_jsonl(path, recs)
+            reward.append_jsonl(path, recs)
             done.update({str(x['id']): x for x in recs})
     recs = [done[str(r['id'])] for r in rows]
     diff, lo, hi = mean_ci([x['trained'] - x['base'] for x in recs])
@@ -415,7 +398,7 @@ def run_densealign(rows, out_dir, base, lora='', base_lora='', judge='', judge_m
         if diff:
             raise ValueError(f"{out_dir} holds a run with other settings {diff} (old, new); use another --out")
     else:
-        write_json(settings, sp)
+        reward.write_json(settings, sp)
     names = dict(zip((str(r['id']) for r in rows), unique_names(rows)))   # (checks the ids before check_rows
     check_rows(rows, out_dir)                                                # records them)
     made = densealign_images(rows, out_dir, base, lora, base_lora, steps, cfg, size, seed, device, dtype, batch)
@@ -432,7 +415,7 @@ def run_densealign(rows, out_dir, base, lora='', base_lora='', judge='', judge_m
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         res |= densealign_rewards(rows, out_dir, vlm, device, dtype)
-    write_json(res, os.path.join(out_dir, 'summary.json'))
+    reward.write_json(res, os.path.join(out_dir, 'summary.json'))
     return res
 
 
@@ -675,7 +658,7 @@ def toy_main(a):
     if a.lora:
         res['trained'] = run(lora=a.lora)
     os.makedirs(a.out, exist_ok=True)
-    write_json(res, os.path.join(a.out, 'summary.json'))
+    reward.write_json(res, os.path.join(a.out, 'summary.json'))
     return res
 
 

@@ -346,8 +346,29 @@ def infer_score(model, processor, images, prompts, temperature=0.7, max_new_toke
     return torch.tensor([parse_score(a) for a in answers], dtype=torch.float32), answers
 
 
+# -----------------------------------------------------------------------------
+# jsonl / json files (shared by train.py, eval.py and data_prep.py)
+
+def append_jsonl(path, rows):
+    """Append rows, one JSON object per line, flushed to disk (a kill loses at most the line being written)."""
+    with open(path, 'a', encoding='utf-8') as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(obj, path):
+    """Atomic JSON write (temp file + os.replace); NaN and inf (no pairs to agree on, ...) are written as null."""
+    clean = lambda x: (None if isinstance(x, float) and not math.isfinite(x) else
+                       {k: clean(v) for k, v in x.items()} if isinstance(x, dict) else
+                       [clean(v) for v in x] if isinstance(x, (list, tuple)) else x)
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        json.dump(clean(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
+    os.replace(path + '.tmp', path)
+
+
 def read_jsonl(path):
-    """(Shared by eval.py and data_prep.py.) Rows of a jsonl we append to. A last line cut off by a kill is dropped (and cut from the file)."""
+    """Rows of a jsonl we append to. A last line cut off by a kill is dropped (and cut from the file)."""
     if not os.path.isfile(path):
         return []
     with open(path, 'rb') as f:

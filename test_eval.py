@@ -524,11 +524,6 @@ def test_cli_import_and_clear_errors(tmp_path):
     assert r.returncode != 0 and 'LoRA file' in r.stderr and 'Traceback' not in r.stderr
 
 
-def test_write_json_is_strict_json(tmp_path):
-    ev.write_json({'agreement': float('nan'), 'x': [1.0, float('inf')], 'n': {'y': 2}}, str(tmp_path / 's.json'))
-    assert _strict_json(tmp_path / 's.json') == {'agreement': None, 'x': [1.0, None], 'n': {'y': 2}}
-
-
 def test_group_agreement_against_a_pair_loop():
     g = torch.Generator().manual_seed(0)
     r = torch.randn(6, 5, generator=g)

@@ -238,3 +238,12 @@ def test_reward_logits_chunking_is_exact(vlm_dir, monkeypatch):
     whole = reward.promptecho_reward(model, proc, ims, labels)
     monkeypatch.setattr(reward, 'LOGITS_CHUNK', 3)                # 3 label positions per lm_head call
     assert torch.allclose(reward.promptecho_reward(model, proc, ims, labels), whole, atol=1e-6)
+
+
+def test_write_json_is_strict_json(tmp_path):
+    # NaN / inf (e.g. an agreement with no pairs) become null, which strict parsers of other tools accept
+    reward.write_json({'agreement': float('nan'), 'x': [1.0, float('inf')], 'n': {'y': 2}}, str(tmp_path / 's.json'))
+    def bad(c):
+        raise ValueError(f"s.json holds {c}")
+    assert json.load(open(tmp_path / 's.json'), parse_constant=bad) == {'agreement': None, 'x': [1.0, None], 'n': {'y': 2}}
+    assert not os.path.exists(tmp_path / 's.json.tmp')

@@ -223,12 +223,6 @@ def plot_curves(rows, keys, path, size=(640, 360)):
     os.replace(path + '.tmp.png', path)
 
 
-def write_json(obj, path):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + '.tmp', path)
-
-
 _startup_names = set(globals()) | {'_startup_names'}
 apply_overrides(sys.argv[1:], globals())
 config = {k: globals()[k] for k in config_keys}
@@ -352,7 +346,7 @@ if master:
                     for n, p in m.transformer.named_parameters() if p.requires_grad})
     print(json.dumps(config, indent=1))
     print(f"{m.family} policy, {world} rank(s), {n_train:,} trainable parameters in {len(where)} module kinds: {where}")
-    write_json(config, os.path.join(out_dir, 'config.json'))
+    reward.write_json(config, os.path.join(out_dir, 'config.json'))
     with open(log_path, 'w') as f:                            # rewritten so a resumed log has no duplicates
         f.writelines(json.dumps(r) + '\n' for r in log_rows)
     if wandb_log:
@@ -590,7 +584,7 @@ for it in range(it0, max_iters):
 
 if master and base_eval:                                      # held-out before / after, in one file
     last = {k: v for k, v in log_rows[-1].items() if k in base_eval} if log_rows else {}
-    write_json({'base': base_eval, 'trained': last, 'iters': max_iters}, os.path.join(out_dir, 'eval_summary.json'))
+    reward.write_json({'base': base_eval, 'trained': last, 'iters': max_iters}, os.path.join(out_dir, 'eval_summary.json'))
     print("held-out before -> after: " + ", ".join(f"{k} {base_eval[k]:.4f} -> {last.get(k, float('nan')):.4f}"
                                                      for k in base_eval))
 if ddp:                                                       # leave together: a rank that tears down gloo while
