@@ -607,13 +607,14 @@ def export_tiif(model, prompts, out, model_name, steps=50, cfg=4.0, size=1024, s
 
 # -----------------------------------------------------------------------------
 def main(a):
+    for f in (a.lora, getattr(a, 'base_lora', '')):        # before any image is made, in every subcommand
+        if f and not os.path.isfile(f):
+            raise FileNotFoundError(f"LoRA file {f} not found")
     dev, dtype = device_dtype()
     if a.cmd == 'toy':
         print("toy:", json.dumps(toy_main(a), indent=2))
         return
     if a.cmd == 'export':
-        if a.lora and not os.path.isfile(a.lora):
-            raise FileNotFoundError(f"LoRA file {a.lora} not found")
         model = functools.cache(lambda: load_t2i(a.model, a.lora, dev, dtype))
         kw = dict(steps=a.steps, cfg=a.cfg, size=a.size, seed=a.seed, batch=a.batch)
         if a.bench == 'geneval':
@@ -642,8 +643,6 @@ def main(a):
 
 
 def toy_main(a):
-    if a.lora and not os.path.isfile(a.lora):
-        raise FileNotFoundError(f"LoRA file {a.lora} not found")
     if min(a.n, a.k, a.stride) < 1:
         raise ValueError(f"--n {a.n}, --k {a.k} and --stride {a.stride} must be >= 1")
     keep = None

@@ -18,7 +18,6 @@ import os
 import re
 import warnings
 
-import numpy as np
 import torch
 from PIL import Image
 

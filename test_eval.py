@@ -520,6 +520,9 @@ def test_cli_import_and_clear_errors(tmp_path):
                             '--model', model, '--out', str(tmp_path / 'g')], cwd=HERE, capture_output=True, text=True,
                            env=dict(os.environ, HF_HUB_OFFLINE='1'))
         assert r.returncode != 0 and f'model directory {model} not found' in r.stderr and 'Traceback' not in r.stderr
+    r = run('eval.py', 'export', '--bench', 'geneval', '--prompts', str(tmp_path / 'g.jsonl'), '--model', 'x',
+            '--lora', str(tmp_path / 'missing.safetensors'), '--out', str(tmp_path / 'd'))
+    assert r.returncode != 0 and 'LoRA file' in r.stderr and 'Traceback' not in r.stderr
     r = run('eval.py', 'toy', '--lora', str(tmp_path / 'missing.safetensors'), '--toy_dir', str(tmp_path / 'nope'))
     assert r.returncode != 0 and 'LoRA file' in r.stderr and 'Traceback' not in r.stderr
 
