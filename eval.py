@@ -463,7 +463,9 @@ def toy_metrics(model_dir, vlm_dir, prompts_file, lora='', n=64, k=4, steps=12, 
     seeds = [seed + i for i in range(len(prompts))]
     imgs = torch.cat([sample.generate(m, prompts[i:i + 32], seeds[i:i + 32], steps, cfg, size, size, '', 32)[0]
                       for i in tqdm(range(0, len(prompts), 32), desc='trained images' if lora else 'base images')])
-    r = reward.promptecho_reward(vm, vp, imgs, prompts, query, max_batch=32).view(-1, k)  # [n, k]
+    labels = [r.get('label', r['prompt']) for r in rows for _ in range(k)]   # the reward reads a row as train.py does:
+    queries = [r.get('query', query) for r in rows for _ in range(k)]       # its label and query, when it has them
+    r = reward.promptecho_reward(vm, vp, imgs, labels, queries, max_batch=32).view(-1, k)  # [n, k]
     u8 = sample.to_uint8(imgs)
     sc = [toy.score(a, p) for a, p in zip(u8, prompts)]
     frac = torch.tensor([s[0] for s in sc]).view(-1, k)                                   # [n, k] claims satisfied
@@ -694,7 +696,7 @@ def parser():
                    help="only prompts whose meaning the policy was (pretrained) or was not (new) pretrained on")
     t.add_argument('--n', type=int, default=64)
     t.add_argument('--k', type=int, default=4)
-    t.add_argument('--query', default=reward.QUERY, help="the reward's query for the agreement (query ablations)")
+    t.add_argument('--query', default=reward.QUERY, help="the reward's query for the agreement, for rows without a 'query' (query ablations)")
     t.add_argument('--out', default='out/eval')
     for p in (d, e, t):
         p.add_argument('--steps', type=int, default=12 if p is t else 50)

@@ -579,9 +579,10 @@ def test_toy_metrics_on_known_images(tmp_path, monkeypatch):
               toy.render([obj('triangle', 'green', *tl), obj('triangle', 'green', *tr)])]    # "two green ...": ok
     prompts = ['a red circle', 'a red circle and a blue square', 'two green triangles']
     f = tmp_path / 'p.jsonl'
-    f.write_text(''.join(json.dumps({'prompt': p}) + '\n' for p in prompts))
+    rows = [{'prompt': prompts[0]}, {'prompt': prompts[1], 'label': 'LABEL', 'query': 'QUERY'}, {'prompt': prompts[2]}]
+    f.write_text(''.join(json.dumps(row) + '\n' for row in rows))
     r = torch.tensor([0.5, 0.1, 0.2, 0.9, 0.3, 0.4])
-    asked = []
+    asked, scored = [], []
 
     def generate(m, ps, seeds, *a):
         asked.append((ps, seeds))
@@ -590,9 +591,11 @@ def test_toy_metrics_on_known_images(tmp_path, monkeypatch):
     monkeypatch.setattr(ev.sample, 'load_model', lambda *a, **k: 'policy')
     monkeypatch.setattr(ev.reward, 'load_vlm', lambda *a, **k: (None, None))
     monkeypatch.setattr(ev.sample, 'generate', generate)
-    monkeypatch.setattr(ev.reward, 'promptecho_reward', lambda vm, vp, imgs, ps, *a, **k: r[:len(ps)])
-    res = ev.toy_metrics('m', 'v', str(f), n=3, k=2, seed=7)
+    monkeypatch.setattr(ev.reward, 'promptecho_reward', lambda vm, vp, imgs, ls, qs, **k: scored.append((ls, qs)) or r[:len(ls)])
+    res = ev.toy_metrics('m', 'v', str(f), n=3, k=2, seed=7, query='Q0')
     assert asked == [([p for p in prompts for _ in range(2)], list(range(7, 13)))]   # k images per prompt
+    # the reward reads a row's label and query where it has them (as train.py does), else the prompt and --query
+    assert scored == [([prompts[0]] * 2 + ['LABEL'] * 2 + [prompts[2]] * 2, ['Q0'] * 2 + ['QUERY'] * 2 + ['Q0'] * 2)]
     assert res['errors'] == {'ok': 3, 'blank': 1, 'extra': 1, 'attr': 1} and res['accuracy'] == 0.5
     assert res['claims'] == pytest.approx((1 + 0 + 1 + 0 + 0.5 + 1) / 6)  # extra: 0 of 3 claims, attr: 1 of 2
     assert res['over_full'] == {'images': 1, 'both_rows': 1, 'copies': 2, 'recoloured': 0}
