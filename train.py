@@ -180,15 +180,6 @@ def gather(x, world):
     return torch.cat(parts)
 
 
-def move(modules, dev):
-    """Park (or fetch) frozen models; the CUDA cache is released so the next phase can use the memory."""
-    for module in modules if isinstance(modules, list) else [modules]:
-        if module is not None:
-            module.to(dev)
-    if torch.cuda.is_available() and str(dev) == 'cpu':
-        torch.cuda.empty_cache()
-
-
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -312,7 +303,7 @@ if reward_fn in ('promptecho', 'inferscore'):
 reward_plugin = load_fn(reward_fn) if ':' in reward_fn else None
 metric = load_fn(eval_metric) if eval_metric else None
 eval_rows = sample.read_prompts(eval_prompts)[:eval_n] if eval_prompts else []
-move(text_encoders, device)
+sample.move(text_encoders, device)
 neg_cond = sample.encode(m, [negative_prompt])               # the unconditional branch, encoded once
 sigmas = sample.sigma_schedule(m, rollout_steps, resolution, resolution)  # [S + 1], 1 -> 0
 C, h, w = sample.latent_shape(m, resolution, resolution)
@@ -360,19 +351,19 @@ def evaluate(step):
     if not eval_rows or not master:
         return out
     m.transformer.eval()
-    move(text_encoders, device); move(m.vae, device)
+    sample.move(text_encoders, device); sample.move(m.vae, device)
     with autocast:
         imgs, _ = sample.generate(m, [r['prompt'] for r in eval_rows], [rank_seed(seed, 0, i, 7) for i in range(len(eval_rows))],
                                   rollout_steps, rollout_cfg, resolution, resolution, negative_prompt, rollout_batch)
-    move(text_encoders, device if text_encoder_on_gpu else 'cpu'); move(m.vae, device if vae_on_gpu else 'cpu')
+    sample.move(text_encoders, device if text_encoder_on_gpu else 'cpu'); sample.move(m.vae, device if vae_on_gpu else 'cpu')
     if metric is not None:
         out['eval_metric'] = float(np.mean([metric(a, r['prompt']) for a, r in zip(sample.to_uint8(imgs), eval_rows)]))
     if vlm_model is not None:
-        move(vlm_model, device)
+        sample.move(vlm_model, device)
         out['eval_reward'] = reward.promptecho_reward(vlm_model, processor, imgs, [r.get('label', r['prompt']) for r in eval_rows],
                                                       [r.get('query', reward.QUERY) for r in eval_rows], max_batch=reward_batch,
                                                       max_pixels=vlm_max_pixels).mean().item()
-        move(vlm_model, device if vlm_on_gpu else 'cpu')
+        sample.move(vlm_model, device if vlm_on_gpu else 'cpu')
     sample.save_png(sample.grid(imgs[:16], 8), os.path.join(out_dir, f'eval_{step:05d}.png'))
     print(f"eval @ iter {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
     return out
@@ -395,15 +386,15 @@ for it in range(it0, max_iters):
     picks = np.random.default_rng([seed, it]).choice(len(train_rows), G, replace=False)  # G unique prompts
     rows = [train_rows[picks[j // K]] for j in local]
     groups = sorted({j // K for j in local})                  # the prompt groups this rank draws
-    move(text_encoders, device)
+    sample.move(text_encoders, device)
     cond_g = sample.encode(m, [train_rows[picks[g]]['prompt'] for g in groups])
-    move(text_encoders, device if text_encoder_on_gpu else 'cpu')
+    sample.move(text_encoders, device if text_encoder_on_gpu else 'cpu')
     cond = sample.take(cond_g, [groups.index(j // K) for j in local])       # per rollout, reused by the update
     if 'guidance' in cond:                                    # FLUX.1-dev: train at the rollouts' guidance input
         cond['guidance'] = torch.full_like(cond['guidance'], rollout_cfg)
     noise = sample.initial_noise(m, [rank_seed(seed, it, j) for j in local], resolution, resolution)
     x0, images = [], []
-    move(m.vae, device)
+    sample.move(m.vae, device)
     for i in range(0, n_local, rollout_batch):
         idx = list(range(i, min(i + rollout_batch, n_local)))
         with autocast:
@@ -411,23 +402,23 @@ for it in range(it0, max_iters):
                                     sample.take(neg_cond, [0] * len(idx)))
             images.append(sample.decode(m, x))
         x0.append(x)
-    move(m.vae, device if vae_on_gpu else 'cpu')
+    sample.move(m.vae, device if vae_on_gpu else 'cpu')
     x0, images = torch.cat(x0), torch.cat(images)            # [n_local, C, h, w], [n_local, 3, H, W]
     sync(); times['t_rollout'] = time.time() - t
 
     # ---------------- REWARD: the frozen VLM echoes each prompt
     t = time.time()
     if reward_fn == 'promptecho':
-        move(vlm_model, device)
+        sample.move(vlm_model, device)
         r_local = reward.promptecho_reward(vlm_model, processor, images, [r.get('label', r['prompt']) for r in rows],
                                            [r.get('query', reward.QUERY) for r in rows], max_batch=reward_batch,
                                            max_pixels=vlm_max_pixels)
-        move(vlm_model, device if vlm_on_gpu else 'cpu')
+        sample.move(vlm_model, device if vlm_on_gpu else 'cpu')
     elif reward_fn == 'inferscore':                           # ablation: a sampled 0-10 rating, NaN if unparsable
-        move(vlm_model, device)
+        sample.move(vlm_model, device)
         r_local, _ = reward.infer_score(vlm_model, processor, images, [r['prompt'] for r in rows], max_batch=reward_batch,
                                         max_pixels=vlm_max_pixels, generator_seed=rank_seed(seed, it, rank, 5))
-        move(vlm_model, device if vlm_on_gpu else 'cpu')
+        sample.move(vlm_model, device if vlm_on_gpu else 'cpu')
     elif reward_fn == 'random':                               # control: a reward that carries no information
         r_local = torch.tensor([rank_seed(seed, it, j, 1) % 10 ** 6 / 1e6 for j in local])
     else:
@@ -534,11 +525,11 @@ for it in range(it0, max_iters):
         row |= {k + '_base': v for k, v in base_eval.items()}
     if master and sample_every and (it + 1) % sample_every == 0:
         fixed = (eval_rows or train_rows)[:4]
-        move(text_encoders, device); move(m.vae, device)
+        sample.move(text_encoders, device); sample.move(m.vae, device)
         with autocast:
             imgs, _ = sample.generate(m, [r['prompt'] for r in fixed for _ in range(2)], list(range(8)), rollout_steps,
                                       rollout_cfg, resolution, resolution, negative_prompt, rollout_batch)
-        move(text_encoders, device if text_encoder_on_gpu else 'cpu'); move(m.vae, device if vae_on_gpu else 'cpu')
+        sample.move(text_encoders, device if text_encoder_on_gpu else 'cpu'); sample.move(m.vae, device if vae_on_gpu else 'cpu')
         os.makedirs(os.path.join(out_dir, 'samples'), exist_ok=True)
         sample.save_png(sample.grid(imgs, 4), os.path.join(out_dir, 'samples', f'iter_{it + 1:05d}.png'))
     times['t_eval'] = time.time() - t                         # the eval and the sample grid
