@@ -8,12 +8,28 @@ Rows: rollout (our sampler vs the diffusers pipeline), reward (batched + masked 
 loop; label-only lm_head vs full-sequence logits), update (AWM step vs a plain flow-matching step,
 with and without the KL/EMA terms). A whole iteration's breakdown is train.py's own log: every
 log.jsonl row has t_rollout, t_reward, t_update, t_eval and img_per_s, and t_ckpt (rows a resume
-read back from a checkpoint lack t_ckpt, which is measured after the checkpoint is written). Writes out/bench.json. The GPU section of issue #8 (real-size random-weight models) needs a lent GPU.
+read back from a checkpoint lack t_ckpt, which is measured after the checkpoint is written). Writes out/bench.json.
+
+    python bench.py --gpu            # one GPU: the real architectures at paper size, random weights
+    python bench.py --gpu --dry      # the same code on tiny sizes (CPU or GPU), to check it before a lease
+
+--gpu builds Z-Image (6B transformer, Qwen3-4B text encoder, FLUX VAE) and Qwen3-VL-8B / -32B from the configs
+below with random weights (speed and memory do not depend on the weights; nothing is downloaded) and measures
+the paper's settings (bf16, 1024 x 1024, 30 Euler steps, CFG 3.5, labels of ~300 tokens, LoRA rank 64,
+micro-batch 2 x 6 timesteps): rollout and reward images/s, the AWM update's time and model-FLOP utilisation,
+each phase's peak memory, and from those the per-iteration time of the paper's run on 8 GPUs. Then it runs
+train.py itself on the GPU (tiny models: 1 process, torchrun, resume). Rows are written as they come
+(out/bench_gpu.json), so a run cut short keeps what it measured.
 """
 import argparse
+import copy
 import json
+import math
 import os
+import subprocess
+import sys
 import time
+from functools import partial
 
 import torch
 
@@ -28,6 +44,7 @@ ROLLOUT_STEPS = 10
 SIZE = 32
 REWARD_B = 32              # reward: batch size for the batched-vs-loop ratio
 VOCAB_BENCH = 32000        # VLM vocab for the memory row (real Qwen: 151k)
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 
 
 def best(fn):
@@ -132,15 +149,348 @@ def bench_update(tmp):
              'baseline_s': t['plain'], 'ratio': t['awm+kl+ema'] / t['plain'], 'target': 'info'}]
 
 
+
+# -----------------------------------------------------------------------------
+# GPU: the real architectures at paper size, random weights (bench.py --gpu)
+
+GPU_RES, GPU_STEPS, GPU_CFG = 1024, 30, 3.5       # the paper's rollout
+GPU_ROLLOUT_B = 4                                 # images per sampler call (config/zimage.py rollout_batch)
+GPU_REWARD_B = 8                                  # images per VLM forward (config/zimage.py reward_batch)
+GPU_MB, GPU_T, GPU_RANK = 2, 6, 64                # update: micro-batch x timesteps per forward, LoRA rank
+PAPER = dict(G=32, K=8, gpus=8, epochs=4)         # per iteration: 32 prompts x 8 images, 4 epochs, on 8 GPUs
+PEAK_TFLOPS = 989.0                               # H100/H200 SXM dense bf16 (datasheet), for MFU
+SIZES = {  # real: the public configs (Tongyi-MAI/Z-Image, Qwen/Qwen3-4B, FLUX VAE, Qwen/Qwen3-VL-8B/32B-Instruct)
+    'real': dict(
+        zimage=dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
+                    axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512]),
+        te=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936),
+        vae=dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24]),
+        vlm={'8B': dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32),
+             '32B': dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64)},
+        vlm_text=dict(num_key_value_heads=8, head_dim=128, mrope=[24, 20, 20]), vocab=151936,
+        res=GPU_RES, label_reps=12),
+    'dry': dict(
+        zimage=dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                    axes_dims=[8, 12, 12], axes_lens=[256, 64, 64]),
+        te=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, head_dim=16, vocab_size=1000),
+        vae=dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=64,
+                    deepstack_visual_indexes=[1]),
+        vlm={'8B': dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
+             '32B': dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2)},
+        vlm_text=dict(num_key_value_heads=1, head_dim=32, mrope=[8, 4, 4]), vocab=1000,
+        res=128, label_reps=2),
+}
+
+
+def zimage_transformer(cfg):
+    from diffusers import ZImageTransformer2DModel
+    tr = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, norm_eps=1e-5,
+                                  qk_norm=True, rope_theta=256.0, t_scale=1000.0, **cfg)
+    tr.x_pad_token.data.normal_()                              # pad tokens start as torch.empty
+    tr.cap_pad_token.data.normal_()
+    return tr.eval().requires_grad_(False)
+
+
+def update_flops(sz, m, x0, cond, sig, autocast, rank):
+    """FLOPs of one update micro-step of the full transformer, counted on copies with 1 and 2 main layers
+    (linear in the layer count): under FlopCounterMode the full model's step ran out of memory on an H200."""
+    f = []
+    for n in (1, 2):
+        torch.set_default_dtype(m.dtype)
+        with torch.device(m.device):
+            tr = zimage_transformer(dict(sz['zimage'], n_layers=n))
+        torch.set_default_dtype(torch.float32)
+        small = copy.copy(m)
+        small.transformer = tr
+        params = sample.add_lora(small, rank, 2 * rank)
+        for p in params:
+            p.data = p.data.float()
+        if m.device.type == 'cuda':
+            tr.enable_gradient_checkpointing()
+        tr.train()
+        opt = torch.optim.AdamW(params, lr=1e-5)
+        f.append(count_flops(partial(update_step, small, params, opt, x0, cond, sig, GPU_MB, GPU_T, autocast)))
+    return f[0] + (sz['zimage']['n_layers'] - 1) * (f[1] - f[0])
+
+
+def build_zimage(sz, device, dtype):
+    """Z-Image's parts at the given sizes, random weights, made on the device in its dtype."""
+    from diffusers import AutoencoderKL
+    from transformers import Qwen3Config, Qwen3Model
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        tr = zimage_transformer(sz['zimage'])
+        te = Qwen3Model(Qwen3Config(max_position_embeddings=40960, rope_theta=1e6, **sz['te']))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=['DownEncoderBlock2D'] * 4,
+                            up_block_types=['UpDecoderBlock2D'] * 4, latent_channels=16, norm_num_groups=32,
+                            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                            use_post_quant_conv=False, **sz['vae'])
+    torch.set_default_dtype(torch.float32)
+    for p in (te, vae):
+        p.eval().requires_grad_(False)
+    sched = {'num_train_timesteps': 1000, 'shift': 3.0, 'use_dynamic_shifting': False}
+    return sample.assemble('ZImagePipeline', device, dtype, transformer=tr, vae=vae, text_encoder=te,
+                           tokenizer=conftest.bpe_tokenizer(conftest.CORPUS), scheduler=sched)
+
+
+def build_vlm(sz, size, device, dtype):
+    """A Qwen3-VL of the given size (random weights) and an image-only processor capped at the rollout's pixels."""
+    from transformers import Qwen3VLForConditionalGeneration
+    tok, ids = conftest.vlm_tokenizer('qwen3', vocab_size=400)
+    t = sz['vlm_text']
+    text = dict(sz['vlm'][size], num_key_value_heads=t['num_key_value_heads'], head_dim=t['head_dim'],
+                max_position_embeddings=262144, rope_parameters={'rope_type': 'default', 'rope_theta': 5e6,
+                                                                 'mrope_section': t['mrope'], 'mrope_interleaved': True})
+    vision = dict(sz['vision'], out_hidden_size=text['hidden_size'], patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, hidden_act='gelu_pytorch_tanh')
+    cfg = conftest.qwen3vl_config(ids, sz['vocab'], text, vision)
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration(cfg).eval().requires_grad_(False)
+    torch.set_default_dtype(torch.float32)
+    return model, conftest.vlm_processor('qwen3', tok)
+
+
+def nbytes(*modules):
+    return sum(p.numel() * p.element_size() for mod in modules for p in mod.parameters())
+
+
+def timed(fn, device, repeats=2):
+    """min over repeats of fn's wall time (after one warm-up), and the warm-up's peak memory above the start."""
+    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
+    mem = torch.cuda.memory_allocated() if str(device).startswith('cuda') else 0
+    if str(device).startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync()
+    peak = torch.cuda.max_memory_allocated() - mem if str(device).startswith('cuda') else 0
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+    return min(ts), peak
+
+
+def count_flops(fn):
+    """FLOPs of one call (matmuls and attention, as torch's FlopCounterMode counts them; nan if it cannot)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+    except Exception as e:
+        print(f"flop count failed: {type(e).__name__}: {e}")
+        return float('nan')
+    return fc.get_total_flops()
+
+
+def update_step(m, params, opt, x0, cond, sigmas, mb, T, autocast):
+    """One AWM micro-step + optimizer step as train.py takes it: mb rollouts x T noise levels in one forward."""
+    idx = torch.arange(mb)
+    sig = torch.stack([awm.sample_train_sigmas(sigmas, 1, T, 0.9)[0] for _ in range(mb)]).flatten().to(m.device)
+    x0r = x0[idx].repeat_interleave(T, 0)                              # [mb*T, C, h, w]
+    eps = torch.randn_like(x0r)
+    x_sig, v_tgt = awm.add_noise(x0r, eps, sig), awm.velocity_target(x0r, eps)
+    with autocast:
+        v = sample.velocity(m, x_sig.to(m.dtype), sig, sample.take(cond, idx.repeat_interleave(T)))
+    loss, _ = awm.awm_loss(v, v_tgt, torch.randn(mb * T, device=m.device))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def reward_row(sz, size, device, dtype, ims, labels, n_tok, add, park=False):
+    """The reward phase of one VLM size beside whatever is resident; False on out-of-memory."""
+    is_cuda = str(device).startswith('cuda')
+    if is_cuda:
+        torch.cuda.empty_cache()
+    vm, vp = build_vlm(sz, size, device, dtype)
+    resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
+    try:
+        t, peak = timed(lambda: reward.promptecho_reward(vm, vp, ims, labels, max_batch=GPU_REWARD_B,
+                                                         max_pixels=ims.shape[-1] ** 2), device, 2)
+    except torch.OutOfMemoryError:
+        add(phase=f'reward Qwen3-VL-{size}', oom=True, resident_gb=resident)
+        return False
+    add(phase=f'reward Qwen3-VL-{size} x {GPU_REWARD_B} images, labels {min(n_tok)}-{max(n_tok)} tokens', s=t,
+        img_per_s=GPU_REWARD_B / t, vlm_gb=nbytes(vm) / 1e9, resident_gb=resident, peak_gb=resident + peak / 1e9)
+    if park and is_cuda:                                             # train.py's parking with vlm_on_gpu = False
+        ref = next(vm.parameters())[:4, :4].clone()
+        ts = []
+        for dev in ('cpu', device, 'cpu', device):                  # the first park pins a CPU copy, once
+            t0 = time.perf_counter()
+            sample.move(vm, dev)
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        add(phase=f'park the {size} VLM on the CPU and fetch it (sample.move, vlm_on_gpu=False)', s_first_park=ts[0],
+            s_fetch=ts[1], s_park=ts[2], s_fetch_again=ts[3], same_weights=bool(torch.equal(ref, next(vm.parameters())[:4, :4])))
+    return True
+
+
+def gpu_rows(sz, device, out, budget_s):
+    """Measure every phase at the given sizes; each row is written to out as soon as it is measured."""
+    t_start, rows = time.time(), []
+    dtype, is_cuda = torch.bfloat16, str(device).startswith('cuda')   # bf16 on the CPU too: --dry checks that path
+    autocast = torch.autocast(device.split(':')[0], dtype=dtype)
+
+    def add(**row):
+        row['elapsed_s'] = round(time.time() - t_start, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_json({'device': torch.cuda.get_device_name() if is_cuda else 'cpu', 'torch': torch.__version__,
+                    'date': time.strftime('%Y-%m-%d'), 'rows': rows}, out)
+
+    if is_cuda:                                                      # the chip's measured ceiling
+        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        t, _ = timed(lambda: a @ a, device, 5)
+        add(phase='bf16 matmul 8192^3', s=t, tflops=2 * 8192 ** 3 / t / 1e12)
+        del a
+    res = sz['res']
+    m = build_zimage(sz, device, dtype)
+    add(phase='Z-Image built', transformer_gb=nbytes(m.transformer) / 1e9, text_encoder_gb=nbytes(m.text_encoder) / 1e9,
+        vae_gb=nbytes(m.vae) / 1e9, params_b=sum(p.numel() for p in m.transformer.parameters()) / 1e9)
+    # ROLLOUT: the project's sampler; time per step from two step counts, so the 30-step figure is exact arithmetic
+    prompts = [' '.join(['a red dog and a blue cat on a green hello world'] * 3)] * GPU_ROLLOUT_B
+    gen = lambda steps: sample.generate(m, prompts, list(range(GPU_ROLLOUT_B)), steps, GPU_CFG, res, res, '',
+                                        GPU_ROLLOUT_B)
+    resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
+    t2, peak = timed(lambda: gen(2), device, 2)
+    t6, _ = timed(lambda: gen(6), device, 2)
+    per_step = (t6 - t2) / 4
+    t30 = t2 + (GPU_STEPS - 2) * per_step
+    sig = sample.sigma_schedule(m, GPU_STEPS, res, res)
+    cond, neg = sample.encode(m, prompts), sample.encode(m, [''])
+    noise = sample.initial_noise(m, list(range(GPU_ROLLOUT_B)), res, res)
+    with torch.no_grad():
+        f_step = count_flops(lambda: sample.euler_sample(m, cond, noise, sig[-2:], GPU_CFG, sample.take(neg, [0] * GPU_ROLLOUT_B)))
+    add(phase=f'rollout {GPU_ROLLOUT_B} images {res}px CFG {GPU_CFG}', s_per_step=per_step, s_fixed=t2 - 2 * per_step,
+        s_30_steps=t30, img_per_s=GPU_ROLLOUT_B / t30, resident_gb=resident, peak_gb=resident + peak / 1e9, mfu=f_step / per_step / PEAK_TFLOPS / 1e12)
+    # UPDATE: LoRA r64 in fp32, AdamW, bf16 autocast, gradient checkpointing, as train.py
+    with torch.no_grad():
+        x0 = sample.euler_sample(m, cond, noise, sig[-2:], GPU_CFG, sample.take(neg, [0] * GPU_ROLLOUT_B))  # [B, C, h, w]
+    params = sample.add_lora(m, GPU_RANK if is_cuda else 4, 2 * GPU_RANK if is_cuda else 8)
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    if is_cuda:
+        m.transformer.enable_gradient_checkpointing()
+    m.transformer.train()
+    for mb in (GPU_MB, 2 * GPU_MB):
+        if time.time() - t_start > budget_s:
+            break
+        step = lambda: update_step(m, params, opt, x0, cond, sig, mb, GPU_T, autocast)
+        resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
+        try:
+            t, peak = timed(step, device, 2 if mb == GPU_MB else 1)
+        except torch.OutOfMemoryError:
+            add(phase=f'update micro-batch {mb} x {GPU_T} timesteps', oom=True)
+            torch.cuda.empty_cache()
+            break
+        f = update_flops(sz, m, x0, cond, sig, autocast, GPU_RANK if is_cuda else 4) if mb == GPU_MB else float('nan')
+        add(phase=f'update micro-batch {mb} x {GPU_T} timesteps', s=t, img_fwd_bwd_per_s=mb * GPU_T / t,
+            resident_gb=resident, peak_gb=resident + peak / 1e9, mfu=f / t / PEAK_TFLOPS / 1e12, tflops=f / t / 1e12)
+    policy_gb = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9   # weights + LoRA + Adam, everything resident
+    m.transformer.eval()
+    # REWARD: the project's masked reward, ~300-token labels, 1024^2 images (1024 vision tokens each)
+    ims = torch.rand(GPU_REWARD_B, 3, res, res)
+    labels = [' '.join(['a red dog and a blue cat on a green hello world circle square'] * (sz['label_reps'] + 2 * i))
+              for i in range(GPU_REWARD_B)]
+    n_tok = [len(t) for t in conftest.vlm_tokenizer('qwen3', vocab_size=400)[0](labels)['input_ids']]
+    for size in ('8B', '32B'):
+        if time.time() - t_start > budget_s:
+            break
+        if size == '32B':
+            sample.move([m.text_encoder, m.vae], 'cpu')             # as train.py with text_encoder/vae_on_gpu = False
+        if not reward_row(sz, size, device, dtype, ims, labels, n_tok, add, park=size == '32B'):
+            break
+    # the paper's run from the figures above: per GPU per iteration, G*K/gpus rollouts
+    n = PAPER['G'] * PAPER['K'] // PAPER['gpus']
+    roll = [r for r in rows if r['phase'].startswith('rollout')]
+    upd = [r for r in rows if r['phase'].startswith(f'update micro-batch {GPU_MB} ')]
+    rew = [r for r in rows if r['phase'].startswith('reward Qwen3-VL-32B') and 'img_per_s' in r]
+    park = [r for r in rows if r['phase'].startswith('park the 32B')]
+    if roll and upd and rew:
+        t_roll, t_rew = n / roll[0]['img_per_s'], n / rew[0]['img_per_s']
+        t_upd = n * GPU_T * PAPER['epochs'] / (GPU_MB * GPU_T) * upd[0]['s']
+        t_park = park[0]['s_fetch_again'] + park[0]['s_park'] if park else 0.0
+        total = t_roll + t_rew + t_upd + t_park
+        add(phase=f'paper iteration per GPU ({n} rollouts, {PAPER["epochs"]} epochs, 8 GPUs)', s_rollout=t_roll,
+            s_reward=t_rew, s_update=t_upd, s_park_fetch_vlm=t_park, s_total=total, h_per_100_iters=total * 100 / 3600,
+            policy_resident_gb=policy_gb)
+    return rows
+
+
+def write_json(obj, path):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def train_smoke(tmp, device):
+    """train.py itself on this device: 2 iterations, tiny models; torchrun with 1 process; an exact resume."""
+    zd, vd, pf = os.path.join(tmp, 'zimage'), os.path.join(tmp, 'vlm'), os.path.join(tmp, 'p.jsonl')
+    conftest.BUILDERS['zimage']().save_pretrained(zd)
+    vm, vp = conftest.vlm_components('qwen3')
+    vm.save_pretrained(vd)
+    vp.save_pretrained(vd)
+    with open(pf, 'w') as f:
+        f.write(''.join(json.dumps({'prompt': p}) + '\n' for p in ['a red dog', 'a blue cat', 'hello world', 'bad quality']))
+    args = [f'--model={zd}', f'--vlm={vd}', f'--prompts={pf}', '--prompts_per_iter=2', '--images_per_prompt=4',
+            '--rollout_steps=3', '--resolution=64', '--batch_size=4', '--micro_batch=2', '--train_timesteps=2',
+            '--epochs_per_iter=2', '--lora_rank=4', '--lora_alpha=8', '--save_every=1', '--sample_every=0',
+            '--lr=1e-3', f'--device={device}', '--vlm_on_gpu=False', '--text_encoder_on_gpu=False']
+    rows = []
+    for name, cmd, resume in (('python train.py', [sys.executable, TRAIN], True),
+                              ('torchrun --nproc_per_node 1 train.py', [sys.executable, '-m', 'torch.distributed.run',
+                                                                         '--standalone', '--nproc_per_node=1', TRAIN], False)):
+        d = os.path.join(tmp, name.split()[0])
+        t = time.time()
+        p = subprocess.run(cmd + args + [f'--out_dir={d}', '--max_iters=2'], capture_output=True, text=True)
+        if p.returncode == 0 and resume:                             # an exact resume for one more iteration
+            p = subprocess.run(cmd + args + [f'--out_dir={d}', '--max_iters=3', '--resume=True'], capture_output=True,
+                               text=True)
+        f = os.path.join(d, 'log.jsonl')
+        log = [json.loads(l) for l in open(f)] if os.path.isfile(f) else []
+        rows.append({'phase': f'{name} on {device} (2 iterations{" + resume to 3" if resume else ""})',
+                     'ok': p.returncode == 0, 'iters': [r['iter'] for r in log],
+                     'loss_finite': all(math.isfinite(r.get('loss', math.nan)) for r in log), 's': time.time() - t,
+                     'stderr_tail': p.stderr[-600:] if p.returncode else ''})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--quick', action='store_true', help="CPU, fewer repeats (< 2 min)")
-    ap.add_argument('--out', default='out/bench.json')
+    ap.add_argument('--gpu', action='store_true', help="the real architectures at paper size, random weights (one GPU)")
+    ap.add_argument('--dry', action='store_true', help="with --gpu: tiny sizes, to check the code on a CPU first")
+    ap.add_argument('--budget', type=float, default=420, help="with --gpu: seconds after which no new phase starts")
+    ap.add_argument('--out', default='')
     a = ap.parse_args()
-    if not a.quick:
-        REPEATS, N_IMAGES = 5, 16
     import tempfile
     torch.manual_seed(0)
+    if a.gpu:
+        dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+        if dev == 'cpu' and not a.dry:
+            sys.exit("--gpu needs a CUDA GPU (add --dry to run the same code on tiny sizes here)")
+        out = a.out or 'out/bench_gpu.json'
+        rows = gpu_rows(SIZES['dry' if a.dry else 'real'], dev, out, a.budget)
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += train_smoke(tmp, dev)
+        write_json({'device': torch.cuda.get_device_name() if dev == 'cuda' else 'cpu', 'torch': torch.__version__,
+                    'date': time.strftime('%Y-%m-%d'), 'rows': rows}, out)
+        print(f"wrote {out}")
+        sys.exit(0 if all(r.get('ok', True) for r in rows) else 1)
+    if not a.quick:
+        REPEATS, N_IMAGES = 5, 16
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for fam in ('zimage', 'qwenimage'):
@@ -151,10 +501,7 @@ if __name__ == '__main__':
     print(f"{'phase':58s} {'ours':>10s} {'baseline':>10s} {'ratio':>7s}  target")
     for r in rows:
         print(f"{r['phase']:58s} {r['ours_s']:10.4g} {r['baseline_s']:10.4g} {r['ratio']:7.3f}  {r['target']}")
-    os.makedirs(os.path.dirname(a.out) or '.', exist_ok=True)
-    info = {'device': 'cuda' if torch.cuda.is_available() else 'cpu', 'threads': torch.get_num_threads(),
-            'torch': torch.__version__, 'rows': rows}
-    with open(a.out + '.tmp', 'w') as f:
-        json.dump(info, f, indent=2)
-    os.replace(a.out + '.tmp', a.out)
-    print(f"wrote {a.out}")
+    out = a.out or 'out/bench.json'
+    write_json({'device': 'cuda' if torch.cuda.is_available() else 'cpu', 'threads': torch.get_num_threads(),
+                'torch': torch.__version__, 'rows': rows}, out)
+    print(f"wrote {out}")

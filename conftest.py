@@ -3,7 +3,6 @@
 Nothing can be downloaded here, so every test model is made from a config, save_pretrained'ed
 to a temp dir and loaded back through the project's real from_pretrained code.
 """
-import json
 
 import pytest
 import torch
@@ -81,30 +80,54 @@ def t2i_dir(tmp_path_factory):
 # -----------------------------------------------------------------------------
 # tiny VLMs (Qwen3-VL, Qwen2.5-VL) with an image-only processor
 
-def vlm_components(family='qwen3', template=None, extra_corpus=(), vocab_size=400, hidden=32, layers=2, seed=0):
-    """(model, processor) of a tiny random Qwen3-VL or Qwen2.5-VL."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def vlm_tokenizer(family='qwen3', template=None, extra_corpus=(), vocab_size=400):
+    """A small BPE with the Qwen-VL special tokens and chat template -> (tokenizer, special token ids)."""
     tok = bpe_tokenizer(CORPUS + list(extra_corpus), vocab_size, template or vl_template(
         system=None if family == 'qwen3' else 'You are a helpful assistant.'))
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    return tok, {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+
+
+def vlm_processor(family, tok):
+    """The image-only processor (no torchvision) of a Qwen3-VL (patch 16) or Qwen2.5-VL (patch 14)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
+    import reward
+    cls, patch, mean = (Qwen3VLProcessor, 16, [0.5] * 3) if family == 'qwen3' else (Qwen2_5_VLProcessor, 14, None)
+    ip = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                  size={'shortest_edge': 32 * 32, 'longest_edge': 256 * 256},
+                                  **({'image_mean': mean, 'image_std': mean} if mean else {}))
+    return reward.image_only_processor(cls, ip, tok, tok.chat_template)
+
+
+def qwen3vl_config(ids, vocab_size, text, vision):
+    """A Qwen3VLConfig of the given text / vision sizes, wired to the tokenizer's special token ids."""
+    from transformers import Qwen3VLConfig
+    return Qwen3VLConfig(
+        text_config=dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=None, eos_token_id=ids['<|im_end|>'],
+                         **text),
+        vision_config=vision, image_token_id=ids['<|image_pad|>'], video_token_id=ids['<|video_pad|>'],
+        bos_token_id=None, eos_token_id=ids['<|im_end|>'], vision_start_token_id=ids['<|vision_start|>'],
+        vision_end_token_id=ids['<|vision_end|>'])
+
+
+def vlm_components(family='qwen3', template=None, extra_corpus=(), vocab_size=400, hidden=32, layers=2, seed=0):
+    """(model, processor) of a tiny random Qwen3-VL or Qwen2.5-VL."""
+    tok, ids = vlm_tokenizer(family, template, extra_corpus, vocab_size)
     torch.manual_seed(seed)
     if family == 'qwen3':
-        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-        cfg = Qwen3VLConfig(
-            text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                             num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-                             max_position_embeddings=4096, pad_token_id=0, bos_token_id=None,
-                             eos_token_id=ids['<|im_end|>'], rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0,
-                                              'mrope_section': [2, 3, 3], 'mrope_interleaved': True}),
-            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
-                               patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                               deepstack_visual_indexes=[1]),
-            image_token_id=ids['<|image_pad|>'], video_token_id=ids['<|video_pad|>'], bos_token_id=None,
-            eos_token_id=ids['<|im_end|>'], vision_start_token_id=ids['<|vision_start|>'],
-            vision_end_token_id=ids['<|vision_end|>'])
-        model, proc_cls, patch, mean = Qwen3VLForConditionalGeneration(cfg), Qwen3VLProcessor, 16, [0.5] * 3
+        from transformers import Qwen3VLForConditionalGeneration
+        cfg = qwen3vl_config(
+            ids, len(tok),
+            text=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                      rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0, 'mrope_section': [2, 3, 3],
+                                       'mrope_interleaved': True}),
+            vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                        patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                        deepstack_visual_indexes=[1]))
+        model = Qwen3VLForConditionalGeneration(cfg)
     else:
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         cfg = Qwen2_5_VLConfig(
             text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                              num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
@@ -116,13 +139,8 @@ def vlm_components(family='qwen3', template=None, extra_corpus=(), vocab_size=40
             image_token_id=ids['<|image_pad|>'], video_token_id=ids['<|video_pad|>'], bos_token_id=None,
             eos_token_id=ids['<|im_end|>'], vision_start_token_id=ids['<|vision_start|>'],
             vision_end_token_id=ids['<|vision_end|>'])
-        model, proc_cls, patch, mean = Qwen2_5_VLForConditionalGeneration(cfg), Qwen2_5_VLProcessor, 14, None
-    ip = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
-                                  size={'shortest_edge': 32 * 32, 'longest_edge': 256 * 256},
-                                  **({'image_mean': mean, 'image_std': mean} if mean else {}))
-    import reward
-    proc = reward.image_only_processor(proc_cls, ip, tok, tok.chat_template)
-    return model.eval(), proc
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    return model.eval(), vlm_processor(family, tok)
 
 
 # -----------------------------------------------------------------------------
