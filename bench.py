@@ -291,7 +291,8 @@ def count_flops(fn):
 
 
 def update_step(m, params, opt, x0, cond, sigmas, mb, T, autocast):
-    """One AWM micro-step + optimizer step as train.py takes it: mb rollouts x T noise levels in one forward."""
+    """One AWM micro-step as train.py takes it (mb rollouts x T noise levels in one forward), then an optimizer step
+    (train.py steps once per batch_size rollouts; the LoRA's AdamW step is a negligible part of the time)."""
     idx = torch.arange(mb)
     sig = torch.stack([awm.sample_train_sigmas(sigmas, 1, T, 0.9)[0] for _ in range(mb)]).flatten().to(m.device)
     x0r = x0[idx].repeat_interleave(T, 0)                              # [mb*T, C, h, w]

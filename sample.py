@@ -106,7 +106,7 @@ def assemble(pipeline, device, dtype, **parts):
 
 def move(modules, dev):
     """Park frozen models on the CPU, or fetch them to the GPU, between phases. Their weights never change, so on
-    a CUDA machine each module keeps one pinned CPU copy of its tensors: parking drops the GPU copy (no copy back;
+    a CUDA machine each frozen module keeps one pinned CPU copy of its tensors: parking drops the GPU copy (no copy back;
     a 32B VLM took 41 s to copy back to pageable memory on an H200), fetching copies from pinned memory (1.3 s).
     Where the OS refuses to pin that much, the copy stays pageable (slower fetches, same result)."""
     def pin(x):
@@ -115,22 +115,27 @@ def move(modules, dev):
         except RuntimeError:
             return x
 
+    target = torch.device(dev)
+    if target.type == 'cuda' and target.index is None:
+        target = torch.device('cuda', torch.cuda.current_device())
     for module in modules if isinstance(modules, list) else [modules]:
         if module is None:
             continue
-        if not torch.cuda.is_available():
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        if (not torch.cuda.is_available() or any(t.requires_grad for _, t in tensors)       # trained: no snapshot
+                or (target.type == 'cpu' and all(t.device.type == 'cpu' for _, t in tensors))):  # a CPU run
             module.to(dev)
             continue
         pinned = module.__dict__.setdefault('_pinned', {})          # tensor name -> pinned CPU copy
-        for name, t in [*module.named_parameters(), *module.named_buffers()]:
-            if str(dev) == 'cpu':
+        for name, t in tensors:
+            if target.type == 'cpu':
                 if name not in pinned:                               # first park of a model loaded on the GPU
                     pinned[name] = pin(t.data.to('cpu'))
                 t.data = pinned[name]
-            elif t.device.type == 'cpu':
-                if name not in pinned:                               # first fetch of a model loaded on the CPU
+            elif t.device != target:
+                if name not in pinned and t.device.type == 'cpu':    # first fetch of a model loaded on the CPU
                     pinned[name] = pin(t.data)
-                t.data = pinned[name].to(dev, non_blocking=True)
+                t.data = pinned.get(name, t.data).to(target, non_blocking=True)
     if torch.cuda.is_available() and str(dev) == 'cpu':
         torch.cuda.empty_cache()
 
