@@ -16,7 +16,7 @@ read back from a checkpoint lack t_ckpt, which is measured after the checkpoint 
 --gpu builds Z-Image (6B transformer, Qwen3-4B text encoder, FLUX VAE) and Qwen3-VL-8B / -32B from the configs
 below with random weights (speed and memory do not depend on the weights; nothing is downloaded) and measures
 the paper's settings (bf16, 1024 x 1024, 30 Euler steps, CFG 3.5, labels of ~300 tokens, LoRA rank 64,
-micro-batch 2 x 6 timesteps): rollout and reward images/s, the AWM update's time and model-FLOP utilisation,
+micro-batch 2 x 6 timesteps): rollout and reward images/s, the AWM update's time and FLOP utilisation (recompute counted),
 each phase's peak memory, and from those the per-iteration time of the paper's run on 8 GPUs. Then it runs
 train.py itself on the GPU (tiny models: 1 process, torchrun, resume). Rows are written as they come
 (out/bench_gpu.json), so a run cut short keeps what it measured.
@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -187,6 +188,17 @@ SIZES = {  # real: the public configs (Tongyi-MAI/Z-Image, Qwen/Qwen3-4B, FLUX V
 }
 
 
+@contextmanager
+def made_on(device, dtype):
+    """Modules built inside are created on device in dtype (no CPU copy of a 32B model first)."""
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def zimage_transformer(cfg):
     from diffusers import ZImageTransformer2DModel
     tr = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, norm_eps=1e-5,
@@ -201,10 +213,8 @@ def update_flops(sz, m, x0, cond, sig, autocast, rank):
     (linear in the layer count): under FlopCounterMode the full model's step ran out of memory on an H200."""
     f = []
     for n in (1, 2):
-        torch.set_default_dtype(m.dtype)
-        with torch.device(m.device):
+        with made_on(m.device, m.dtype):
             tr = zimage_transformer(dict(sz['zimage'], n_layers=n))
-        torch.set_default_dtype(torch.float32)
         small = copy.copy(m)
         small.transformer = tr
         params = sample.add_lora(small, rank, 2 * rank)
@@ -222,15 +232,13 @@ def build_zimage(sz, device, dtype):
     """Z-Image's parts at the given sizes, random weights, made on the device in its dtype."""
     from diffusers import AutoencoderKL
     from transformers import Qwen3Config, Qwen3Model
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
+    with made_on(device, dtype):
         tr = zimage_transformer(sz['zimage'])
         te = Qwen3Model(Qwen3Config(max_position_embeddings=40960, rope_theta=1e6, **sz['te']))
         vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=['DownEncoderBlock2D'] * 4,
                             up_block_types=['UpDecoderBlock2D'] * 4, latent_channels=16, norm_num_groups=32,
                             scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
                             use_post_quant_conv=False, **sz['vae'])
-    torch.set_default_dtype(torch.float32)
     for p in (te, vae):
         p.eval().requires_grad_(False)
     sched = {'num_train_timesteps': 1000, 'shift': 3.0, 'use_dynamic_shifting': False}
@@ -249,10 +257,8 @@ def build_vlm(sz, size, device, dtype):
     vision = dict(sz['vision'], out_hidden_size=text['hidden_size'], patch_size=16, spatial_merge_size=2,
                   temporal_patch_size=2, hidden_act='gelu_pytorch_tanh')
     cfg = conftest.qwen3vl_config(ids, sz['vocab'], text, vision)
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
+    with made_on(device, dtype):
         model = Qwen3VLForConditionalGeneration(cfg).eval().requires_grad_(False)
-    torch.set_default_dtype(torch.float32)
     return model, conftest.vlm_processor('qwen3', tok)
 
 
@@ -262,13 +268,14 @@ def nbytes(*modules):
 
 def timed(fn, device, repeats=2):
     """min over repeats of fn's wall time (after one warm-up), and the warm-up's peak memory above the start."""
-    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
-    mem = torch.cuda.memory_allocated() if str(device).startswith('cuda') else 0
-    if str(device).startswith('cuda'):
+    cuda = str(device).startswith('cuda')
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    mem = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     fn()
     sync()
-    peak = torch.cuda.max_memory_allocated() - mem if str(device).startswith('cuda') else 0
+    peak = torch.cuda.max_memory_allocated() - mem if cuda else 0
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -345,8 +352,8 @@ def gpu_rows(sz, device, out, budget_s):
         row['elapsed_s'] = round(time.time() - t_start, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        write_json({'device': torch.cuda.get_device_name() if is_cuda else 'cpu', 'torch': torch.__version__,
-                    'date': time.strftime('%Y-%m-%d'), 'rows': rows}, out)
+        reward.write_json({'device': torch.cuda.get_device_name() if is_cuda else 'cpu', 'torch': torch.__version__,
+                           'date': time.strftime('%Y-%m-%d'), 'rows': rows}, out)
 
     if is_cuda:                                                      # the chip's measured ceiling
         a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
@@ -428,13 +435,6 @@ def gpu_rows(sz, device, out, budget_s):
     return rows
 
 
-def write_json(obj, path):
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + '.tmp', path)
-
-
 def train_smoke(tmp, device):
     """train.py itself on this device: 2 iterations, tiny models; torchrun with 1 process; an exact resume."""
     zd, vd, pf = os.path.join(tmp, 'zimage'), os.path.join(tmp, 'vlm'), os.path.join(tmp, 'p.jsonl')
@@ -483,11 +483,12 @@ if __name__ == '__main__':
         if dev == 'cpu' and not a.dry:
             sys.exit("--gpu needs a CUDA GPU (add --dry to run the same code on tiny sizes here)")
         out = a.out or 'out/bench_gpu.json'
+        os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
         rows = gpu_rows(SIZES['dry' if a.dry else 'real'], dev, out, a.budget)
         with tempfile.TemporaryDirectory() as tmp:
             rows += train_smoke(tmp, dev)
-        write_json({'device': torch.cuda.get_device_name() if dev == 'cuda' else 'cpu', 'torch': torch.__version__,
-                    'date': time.strftime('%Y-%m-%d'), 'rows': rows}, out)
+        reward.write_json({'device': torch.cuda.get_device_name() if dev == 'cuda' else 'cpu',
+                           'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d'), 'rows': rows}, out)
         print(f"wrote {out}")
         sys.exit(0 if all(r.get('ok', True) for r in rows) else 1)
     if not a.quick:
@@ -503,6 +504,7 @@ if __name__ == '__main__':
     for r in rows:
         print(f"{r['phase']:58s} {r['ours_s']:10.4g} {r['baseline_s']:10.4g} {r['ratio']:7.3f}  {r['target']}")
     out = a.out or 'out/bench.json'
-    write_json({'device': 'cuda' if torch.cuda.is_available() else 'cpu', 'threads': torch.get_num_threads(),
+    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+    reward.write_json({'device': 'cuda' if torch.cuda.is_available() else 'cpu', 'threads': torch.get_num_threads(),
                 'torch': torch.__version__, 'rows': rows}, out)
     print(f"wrote {out}")
