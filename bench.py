@@ -506,5 +506,5 @@ if __name__ == '__main__':
     out = a.out or 'out/bench.json'
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
     reward.write_json({'device': 'cuda' if torch.cuda.is_available() else 'cpu', 'threads': torch.get_num_threads(),
-                'torch': torch.__version__, 'rows': rows}, out)
+                       'torch': torch.__version__, 'rows': rows}, out)
     print(f"wrote {out}")
