@@ -489,13 +489,50 @@ def generate(m, prompts, seeds, steps=50, cfg=4.0, height=1024, width=1024, nega
 # -----------------------------------------------------------------------------
 # LoRA
 
-def add_lora(m, rank, alpha):
-    """Attach a peft LoRA (adapter 'default') to the transformer's LORA_TARGETS; only it trains."""
+def add_lora(m, rank, alpha, autocast=False):
+    """Attach a peft LoRA (adapter 'default') to the transformer's LORA_TARGETS; only it trains.
+    autocast: the forwards run under autocast, which computes the LoRA matmuls in its dtype anyway, so peft's cast
+    of each input to the (fp32) LoRA weights' dtype is switched off: it only wrote an fp32 copy of every activation."""
     from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
     m.transformer.requires_grad_(False)
     m.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights='gaussian',
                                          target_modules=LORA_TARGETS[m.family]))
+    for mod in m.transformer.modules():
+        if autocast and isinstance(mod, BaseTunerLayer):
+            mod.cast_input_dtype_enabled = False
     return [p for p in m.transformer.parameters() if p.requires_grad]
+
+
+def block_lists(m):
+    """The transformer's lists of blocks (Z-Image: layers and its refiners; FLUX: double and single blocks; ...)."""
+    return [c for c in m.transformer.children() if isinstance(c, torch.nn.ModuleList)]
+
+
+def compile_blocks(m):
+    """torch.compile each transformer block (blocks of one list share one compiled graph): it fuses the norms,
+    modulations, RoPE and LoRA adds around the matmuls (elementwise kernels took 49% of an eager update's GPU time
+    on an H200). The first forward of each new shape (and grad mode) compiles."""
+    for blocks in block_lists(m):
+        for b in blocks:
+            b.compile()
+
+
+def checkpoint_blocks(m, share):
+    """Gradient checkpointing on the first round(share * n) blocks of each of the transformer's block lists (1: all,
+    diffusers' own switch; 0: none). A checkpointed block keeps only its input and runs its forward again in the
+    backward: less activation memory, about a third more compute for that block."""
+    if share <= 0:
+        return
+    chosen = set()
+    for blocks in block_lists(m):
+        chosen |= {id(b) for b in list(blocks)[:round(share * len(blocks))]}
+
+    def run(block, *args):                                   # diffusers calls this with each block and its inputs
+        if id(block) in chosen:
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+    m.transformer.enable_gradient_checkpointing(run)
 
 
 def save_lora(m, path):

@@ -2,6 +2,7 @@
 conftest.py), and the README's code references."""
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -384,3 +385,97 @@ def test_readme_table_names_exist():
         defs = {n.name: (n.lineno, n.end_lineno) for n in ast.parse(open(os.path.join(HERE, mod + '.py')).read()).body
                 if isinstance(n, ast.FunctionDef)}
         assert defs[fn] == (int(lo), int(hi)), f"README says {mod}.py:{fn} is L{lo}-{hi}, the file has L{defs[fn][0]}-{defs[fn][1]}"
+
+
+def test_checkpoint_blocks_recomputes_the_chosen_share(t2i_dir):
+    """grad_checkpointing = share: the first round(share * n) blocks of each list run their forward twice (once
+    more in the backward), the others once, and the LoRA gradient is the same whatever the share."""
+    m = sample.load_model(t2i_dir('zimage'))
+    torch.manual_seed(0)
+    params = sample.add_lora(m, 4, 4)
+    with torch.no_grad():
+        for n, p in m.transformer.named_parameters():
+            if 'lora_B' in n:
+                p.normal_(0, 0.3)
+    tr = m.transformer.train()
+    blocks = {f'{name}.{i}': b for name, lst in [('layers', tr.layers), ('noise_refiner', tr.noise_refiner),
+                                                 ('context_refiner', tr.context_refiner)] for i, b in enumerate(lst)}
+    runs = dict.fromkeys(blocks, 0)
+    for k, b in blocks.items():
+        b.register_forward_pre_hook(lambda mod, args, k=k: runs.__setitem__(k, runs[k] + 1))
+    cond = sample.encode(m, ['a red dog', 'a blue cat'])
+    x, sig = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0.3, 0.8])
+    grads = {}
+    for share in (0.0, 0.5, 1.0):
+        tr.disable_gradient_checkpointing()
+        sample.checkpoint_blocks(m, share)
+        runs.update(dict.fromkeys(runs, 0))
+        sample.velocity(m, x, sig, cond).square().mean().backward()
+        grads[share] = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        twice = {k for k, n in runs.items() if n == 2}
+        assert set(runs.values()) <= {1, 2}
+        # 2 main layers, 1 refiner each: share 0.5 -> layers.0 only (round(0.5) = 0 for the lists of one)
+        assert twice == {0.0: set(), 0.5: {'layers.0'}, 1.0: set(blocks)}[share], (share, runs)
+    for share in (0.5, 1.0):
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads[share], grads[0.0]))
+    assert max(g.abs().max().item() for g in grads[0.0]) > 0
+
+
+def test_lora_input_cast_off_under_autocast_changes_nothing(t2i_dir):
+    """add_lora(autocast=True) skips peft's copy of each input to the fp32 LoRA weights' dtype: under autocast the
+    LoRA matmuls run in bf16 either way, so the velocity is bit-for-bit the same (bf16 weights, fp32 LoRA, as train.py)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    out = []
+    for cast_off in (False, True):
+        m = sample.load_model(t2i_dir('zimage'))
+        m.transformer.to(torch.bfloat16)
+        torch.manual_seed(0)
+        params = sample.add_lora(m, 4, 4, autocast=cast_off)
+        torch.manual_seed(1)
+        for p in params:
+            p.data = torch.randn_like(p, dtype=torch.float32) * 0.3    # LoRA weights in fp32, as train.py keeps them
+        layers = [mod for mod in m.transformer.modules() if isinstance(mod, BaseTunerLayer)]
+        assert layers and all(mod.cast_input_dtype_enabled is not cast_off for mod in layers)
+        cond = sample.encode(m, ['a red dog'])
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out.append(sample.velocity(m, torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(2))
+                                       .to(torch.bfloat16), torch.tensor([0.5]), cond).float())
+    assert out[0].abs().max() > 0 and torch.equal(out[0], out[1])
+
+
+@pytest.mark.skipif(not (shutil.which('c++') or shutil.which('g++')), reason="torch.compile on CPU needs a C++ compiler")
+def test_compile_blocks_matches_eager(t2i_dir):
+    """compile = True (torch.compile of each block) gives the eager velocity and LoRA gradient, for two caption
+    lengths (a new shape recompiles) and with the LoRA switched off (the KL reference)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    ms = [sample.load_model(t2i_dir('zimage')) for _ in range(2)]
+    for m in ms:
+        torch.manual_seed(0)
+        sample.add_lora(m, 4, 4)
+        with torch.no_grad():
+            for n, p in m.transformer.named_parameters():
+                if 'lora_B' in n:
+                    p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
+    sample.compile_blocks(ms[1])
+    x, sig = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0.3, 0.8])
+    for prompts in (['a red dog', 'a blue cat'], ['a red dog and a blue cat on the grass', 'hello']):
+        outs, grads = [], []
+        for m in ms:
+            cond = sample.encode(m, prompts)
+            v = sample.velocity(m, x, sig, cond)
+            v.square().mean().backward()
+            grads.append([p.grad.clone() for p in m.transformer.parameters() if p.requires_grad])
+            m.transformer.zero_grad(set_to_none=True)
+            m.transformer.disable_adapters()
+            with torch.no_grad():
+                outs.append((v.detach(), sample.velocity(m, x, sig, cond)))
+            m.transformer.enable_adapters()
+        (v0, ref0), (v1, ref1) = outs
+        assert (v0 - ref0).abs().max() > 1e-3                      # the LoRA does something
+        assert torch.allclose(v1, v0, atol=1e-5) and torch.allclose(ref1, ref0, atol=1e-5)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads[1], grads[0]))
+    assert counters['stats']['unique_graphs'] >= 3                 # the blocks ran compiled (layers, two refiners)

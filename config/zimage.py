@@ -19,3 +19,4 @@ lr = 5e-5
 train_cfg = False                     # the paper's loss trains v_cond although rollouts use CFG 3.5; on the toy
                                       # world even the detector oracle gained only with train_cfg = True (TOY.md)
 vlm_on_gpu = False                    # park the 32B VLM on the CPU outside the reward phase
+compile = True                        # torch.compile each block: update 1.44x, rollout 1.40x faster on an H200 (README)
