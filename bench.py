@@ -13,13 +13,14 @@ read back from a checkpoint lack t_ckpt, which is measured after the checkpoint 
     python bench.py --gpu            # one GPU: the real architectures at paper size, random weights
     python bench.py --gpu --dry      # the same code on tiny sizes (CPU or GPU), to check it before a lease
 
---gpu builds Z-Image (6B transformer, Qwen3-4B text encoder, FLUX VAE) and Qwen3-VL-8B / -32B from the configs
-below with random weights (speed and memory do not depend on the weights; nothing is downloaded) and measures
-the paper's settings (bf16, 1024 x 1024, 30 Euler steps, CFG 3.5, labels of ~300 tokens, LoRA rank 64,
-micro-batch 2 x 6 timesteps): rollout and reward images/s, the AWM update's time and FLOP utilisation (recompute counted),
-each phase's peak memory, and from those the per-iteration time of the paper's run on 8 GPUs. Then it runs
-train.py itself on the GPU (tiny models: 1 process, torchrun, resume). Rows are written as they come
-(out/bench_gpu.json), so a run cut short keeps what it measured.
+--gpu builds Z-Image (6B transformer, Qwen3-4B text encoder, FLUX VAE), Qwen-Image (20B, Qwen2.5-VL-7B text encoder)
+and Qwen3-VL-8B / -32B from the configs below with random weights (speed and memory do not depend on the weights;
+nothing is downloaded) and measures the paper's settings (bf16, 1024 x 1024, 30 Euler steps, CFG 3.5, labels of
+~300 tokens, LoRA rank 64, micro-batch 2 x 6 timesteps): rollout and reward images/s, the AWM update's time and
+model-FLOP utilisation in the variants of UPDATE_VARIANTS, a kernel profile of the update, eager vs compiled
+blocks (compile = True), each phase's peak memory, and from those the per-iteration time of the paper's run on
+8 GPUs. Then it runs train.py itself on the GPU (tiny models). --phases picks the models and measurements; rows
+are written as they come (out/bench_gpu.json), so a run cut short keeps what it measured.
 """
 import argparse
 import copy
@@ -28,6 +29,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -158,9 +160,19 @@ GPU_RES, GPU_STEPS, GPU_CFG = 1024, 30, 3.5       # the paper's rollout
 GPU_ROLLOUT_B = 4                                 # images per sampler call (config/zimage.py rollout_batch)
 GPU_REWARD_B = 8                                  # images per VLM forward (config/zimage.py reward_batch)
 GPU_MB, GPU_T, GPU_RANK = 2, 6, 64                # update: micro-batch x timesteps per forward, LoRA rank
+UPDATE_VARIANTS = [  # (micro-batch, share of blocks checkpointed, peft's input cast on, blocks compiled)
+    (GPU_MB, 1.0, True, False),                   # train.py until 2026-12-04
+    (GPU_MB, 1.0, False, False),                  # train.py now (add_lora(autocast=True))
+    (GPU_MB, 0.5, False, False),                  # grad_checkpointing = 0.5
+    (GPU_MB, 0.0, False, False),                  # grad_checkpointing = 0
+    (1, 0.0, False, False),
+    (2 * GPU_MB, 1.0, False, False),
+]                                                 # the 'compile' phase: train.py's default eager, then compiled
 PAPER = dict(G=32, K=8, gpus=8, epochs=4)         # per iteration: 32 prompts x 8 images, 4 epochs, on 8 GPUs
 PEAK_TFLOPS = 989.0                               # H100/H200 SXM dense bf16 (datasheet), for MFU
-SIZES = {  # real: the public configs (Tongyi-MAI/Z-Image, Qwen/Qwen3-4B, FLUX VAE, Qwen/Qwen3-VL-8B/32B-Instruct)
+PHASES = ('zimage', 'qwenimage', 'rollout', 'update', 'profile', 'reward', 'smoke', 'compile')  # models, measurements
+SIZES = {  # real: the public configs (Tongyi-MAI/Z-Image, Qwen/Qwen3-4B, FLUX VAE, Qwen/Qwen3-VL-8B/32B-Instruct,
+           # Qwen/Qwen-Image: its transformer, Qwen2.5-VL-7B text encoder and VAE)
     'real': dict(
         zimage=dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
                     axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512]),
@@ -172,6 +184,12 @@ SIZES = {  # real: the public configs (Tongyi-MAI/Z-Image, Qwen/Qwen3-4B, FLUX V
         vlm={'8B': dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32),
              '32B': dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64)},
         vlm_text=dict(num_key_value_heads=8, head_dim=128, mrope=[24, 20, 20]), vocab=151936,
+        qwenimage=dict(num_layers=60, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
+                       axes_dims_rope=(16, 56, 56)),
+        qwen_te=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064, mrope=[16, 24, 24]),
+        qwen_vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16),
+        qwen_vae=dict(base_dim=96, num_res_blocks=2),
         res=GPU_RES, label_reps=12),
     'dry': dict(
         zimage=dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
@@ -184,6 +202,12 @@ SIZES = {  # real: the public configs (Tongyi-MAI/Z-Image, Qwen/Qwen3-4B, FLUX V
         vlm={'8B': dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
              '32B': dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2)},
         vlm_text=dict(num_key_value_heads=1, head_dim=32, mrope=[8, 4, 4]), vocab=1000,
+        qwenimage=dict(num_layers=2, attention_head_dim=16, num_attention_heads=3, joint_attention_dim=32,
+                       axes_dims_rope=(8, 4, 4)),
+        qwen_te=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=2, vocab_size=1000, mrope=[2, 3, 3]),
+        qwen_vision=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2),
+        qwen_vae=dict(base_dim=24, num_res_blocks=1),
         res=128, label_reps=2),
 }
 
@@ -208,24 +232,40 @@ def zimage_transformer(cfg):
     return tr.eval().requires_grad_(False)
 
 
-def update_flops(sz, m, x0, cond, sig, autocast, rank):
-    """FLOPs of one update micro-step of the full transformer, counted on copies with 1 and 2 main layers
-    (linear in the layer count): under FlopCounterMode the full model's step ran out of memory on an H200."""
+def qwenimage_transformer(cfg):
+    from diffusers import QwenImageTransformer2DModel
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, guidance_embeds=False,
+                                       **cfg).eval().requires_grad_(False)
+
+
+def set_variant(m, share, cast):
+    """grad_checkpointing = share and peft's cast of LoRA inputs to fp32 on or off (train.py: off under autocast)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    m.transformer.disable_gradient_checkpointing()
+    sample.checkpoint_blocks(m, share)
+    for mod in m.transformer.modules():
+        if isinstance(mod, BaseTunerLayer):
+            mod.cast_input_dtype_enabled = cast
+
+
+def update_flops(m, x0, cond, sig, autocast, rank, small_transformer, n_layers, share):
+    """FLOPs of one update micro-step (GPU_MB x GPU_T) of the full transformer, counted on copies with 1 and 2 main
+    layers (linear in the layer count): under FlopCounterMode the full model's step ran out of memory on an H200.
+    share 0: the model's FLOPs; share 1: every block's forward counted again (the recompute)."""
     f = []
     for n in (1, 2):
         with made_on(m.device, m.dtype):
-            tr = zimage_transformer(dict(sz['zimage'], n_layers=n))
+            tr = small_transformer(n)
         small = copy.copy(m)
         small.transformer = tr
-        params = sample.add_lora(small, rank, 2 * rank)
+        params = sample.add_lora(small, rank, 2 * rank, autocast=True)
         for p in params:
             p.data = p.data.float()
-        if m.device.type == 'cuda':
-            tr.enable_gradient_checkpointing()
+        sample.checkpoint_blocks(small, share)
         tr.train()
         opt = torch.optim.AdamW(params, lr=1e-5)
         f.append(count_flops(partial(update_step, small, params, opt, x0, cond, sig, GPU_MB, GPU_T, autocast)))
-    return f[0] + (sz['zimage']['n_layers'] - 1) * (f[1] - f[0])
+    return f[0] + (n_layers - 1) * (f[1] - f[0])
 
 
 def build_zimage(sz, device, dtype):
@@ -243,6 +283,28 @@ def build_zimage(sz, device, dtype):
         p.eval().requires_grad_(False)
     sched = {'num_train_timesteps': 1000, 'shift': 3.0, 'use_dynamic_shifting': False}
     return sample.assemble('ZImagePipeline', device, dtype, transformer=tr, vae=vae, text_encoder=te,
+                           tokenizer=conftest.bpe_tokenizer(conftest.CORPUS), scheduler=sched)
+
+
+def build_qwenimage(sz, device, dtype):
+    """Qwen-Image's parts (20B MMDiT, Qwen2.5-VL-7B text encoder, its causal video VAE), random weights."""
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    t = dict(sz['qwen_te'])
+    rope = {'mrope_section': t.pop('mrope'), 'rope_type': 'default', 'type': 'default'}
+    cfg = Qwen2_5_VLConfig(text_config=dict(t, rope_scaling=rope, rope_theta=1e6),
+                           vision_config=dict(sz['qwen_vision'], out_hidden_size=t['hidden_size']),
+                           hidden_size=t['hidden_size'], vocab_size=t['vocab_size'], vision_end_token_id=151653,
+                           vision_start_token_id=151652, vision_token_id=151654)
+    with made_on(device, dtype):
+        tr = qwenimage_transformer(sz['qwenimage'])
+        te = Qwen2_5_VLForConditionalGeneration(cfg).eval().requires_grad_(False)
+        vae = AutoencoderKLQwenImage(z_dim=16, dim_mult=[1, 2, 4, 4], temperal_downsample=[False, True, True],
+                                     **sz['qwen_vae']).eval().requires_grad_(False)
+    sched = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9,
+                 num_train_timesteps=1000, shift=1.0, shift_terminal=0.02, time_shift_type='exponential',
+                 use_dynamic_shifting=True)
+    return sample.assemble('QwenImagePipeline', device, dtype, transformer=tr, vae=vae, text_encoder=te,
                            tokenizer=conftest.bpe_tokenizer(conftest.CORPUS), scheduler=sched)
 
 
@@ -297,10 +359,35 @@ def count_flops(fn):
     return fc.get_total_flops()
 
 
+def kernel_profile(fn, device):
+    """Where one call's GPU time goes: kernel time by kind (matmul / attention / other) and the top kernels;
+    busy = kernel time / wall time (below 1: the GPU waits on the host)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = str(device).startswith('cuda')
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    if cuda:
+        ev = [(e.key, e.self_device_time_total) for e in prof.key_averages() if e.device_type.name == 'CUDA']
+    else:                                                            # --dry: CPU ops, to exercise the code
+        ev = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    kinds = {'attention': ('flash', 'fmha', 'attention', 'efficient'), 'matmul': ('gemm', 'nvjet', 'xmma', 'cutlass',
+                                                                                 'matmul', 'aten::mm', 'addmm')}
+    kind = lambda k: next((name for name, keys in kinds.items() if any(s in k.lower() for s in keys)), 'other')
+    total = sum(us for _, us in ev) or 1.0
+    share = {name: round(sum(us for k, us in ev if kind(k) == name) / total, 3) for name in (*kinds, 'other')}
+    top = sorted(ev, key=lambda e: -e[1])[:12]
+    return dict(wall_s=wall, kernel_s=total / 1e6, busy=total / 1e6 / wall, share=share,
+                top=[(k[:100], round(us / 1e3, 1), round(us / total, 3)) for k, us in top])
+
+
 def update_step(m, params, opt, x0, cond, sigmas, mb, T, autocast):
     """One AWM micro-step as train.py takes it (mb rollouts x T noise levels in one forward), then an optimizer step
     (train.py steps once per batch_size rollouts; the LoRA's AdamW step is a negligible part of the time)."""
-    idx = torch.arange(mb)
+    idx = torch.arange(mb) % x0.shape[0]
     sig = torch.stack([awm.sample_train_sigmas(sigmas, 1, T, 0.9)[0] for _ in range(mb)]).flatten().to(m.device)
     x0r = x0[idx].repeat_interleave(T, 0)                              # [mb*T, C, h, w]
     eps = torch.randn_like(x0r)
@@ -314,11 +401,18 @@ def update_step(m, params, opt, x0, cond, sigmas, mb, T, autocast):
     opt.zero_grad(set_to_none=True)
 
 
+def free(device):
+    """Give back what an out-of-memory step or a finished phase left allocated."""
+    import gc
+    gc.collect()
+    if str(device).startswith('cuda'):
+        torch.cuda.empty_cache()
+
+
 def reward_row(sz, size, device, dtype, ims, labels, n_tok, add, park=False):
     """The reward phase of one VLM size beside whatever is resident; False on out-of-memory."""
     is_cuda = str(device).startswith('cuda')
-    if is_cuda:
-        torch.cuda.empty_cache()
+    free(device)
     vm, vp = build_vlm(sz, size, device, dtype)
     resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
     try:
@@ -342,11 +436,133 @@ def reward_row(sz, size, device, dtype, ims, labels, n_tok, add, park=False):
     return True
 
 
-def gpu_rows(sz, device, out, budget_s):
-    """Measure every phase at the given sizes; each row is written to out as soon as it is measured."""
+def rollout_row(m, name, add, device, repeats=2):
+    """The project's sampler at the paper's rollout; time per step from two step counts, so the 30-step figure is
+    exact arithmetic. Returns (cond, sigmas, x0 after one step) for the update rows."""
+    is_cuda = str(device).startswith('cuda')
+    res = m.res
+    prompts = [' '.join(['a red dog and a blue cat on a green hello world'] * 3)] * GPU_ROLLOUT_B
+    gen = lambda steps: sample.generate(m, prompts, list(range(GPU_ROLLOUT_B)), steps, GPU_CFG, res, res, '',
+                                        GPU_ROLLOUT_B)
+    sig = sample.sigma_schedule(m, GPU_STEPS, res, res)
+    cond, neg = sample.encode(m, prompts), sample.encode(m, [''])
+    noise = sample.initial_noise(m, list(range(GPU_ROLLOUT_B)), res, res)
+    one_step = lambda: sample.euler_sample(m, cond, noise, sig[-2:], GPU_CFG, sample.take(neg, [0] * GPU_ROLLOUT_B))
+    if repeats:
+        resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
+        t2, peak = timed(lambda: gen(2), device, repeats)
+        t6, _ = timed(lambda: gen(6), device, repeats)
+        per_step = (t6 - t2) / 4
+        t30 = t2 + (GPU_STEPS - 2) * per_step
+        with torch.no_grad():
+            f_step = count_flops(one_step)
+        add(phase=f'{name} rollout {GPU_ROLLOUT_B} images {res}px CFG {GPU_CFG}', s_per_step=per_step,
+            s_fixed=t2 - 2 * per_step, s_30_steps=t30, img_per_s=GPU_ROLLOUT_B / t30, resident_gb=resident,
+            peak_gb=resident + peak / 1e9, mfu=f_step / per_step / PEAK_TFLOPS / 1e12)
+    return cond, sig, one_step(), one_step                           # x0 [B, C, h, w], one CFG Euler step
+
+
+def step_row(m, one_step, name, autocast, add, device):
+    """One CFG Euler step of GPU_ROLLOUT_B images with the LoRA on, under autocast as train.py's rollouts (the first
+    call of a compiled model compiles: s_first)."""
+    m.transformer.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad(), autocast:
+        t, _ = timed(one_step, device, 3)
+    add(phase=f'{name} rollout step, {GPU_ROLLOUT_B} images {m.res}px CFG {GPU_CFG}, LoRA on', s_per_step=t,
+        img_per_s_30_steps=GPU_ROLLOUT_B / (GPU_STEPS * t), s_first=time.perf_counter() - t0 - 3 * t)
+    m.transformer.train()
+
+
+def zimage_rows(sz, device, dtype, autocast, add, late, phases):
+    """Z-Image at paper size: rollout, the update's variants (UPDATE_VARIANTS), a kernel profile, train.py itself,
+    the reward beside the resident policy. Returns the policy's resident GB (weights + LoRA + Adam)."""
+    is_cuda = str(device).startswith('cuda')
+    m = build_zimage(sz, device, dtype)
+    m.res = sz['res']
+    add(phase='Z-Image built', transformer_gb=nbytes(m.transformer) / 1e9, text_encoder_gb=nbytes(m.text_encoder) / 1e9,
+        vae_gb=nbytes(m.vae) / 1e9, params_b=sum(p.numel() for p in m.transformer.parameters()) / 1e9)
+    cond, sig, x0, one_step = rollout_row(m, 'Z-Image', add, device, 2 if 'rollout' in phases else 0)
+    # UPDATE: LoRA r64 in fp32, AdamW, bf16 autocast, as train.py; the variants of UPDATE_VARIANTS
+    params = sample.add_lora(m, GPU_RANK if is_cuda else 4, 2 * GPU_RANK if is_cuda else 8, autocast=True)
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    m.transformer.train()
+    small = lambda n: zimage_transformer(dict(sz['zimage'], n_layers=n))
+    flops = {s: update_flops(m, x0, cond, sig, autocast, GPU_RANK if is_cuda else 4, small, sz['zimage']['n_layers'], s)
+             for s in (0.0, 1.0)} if 'update' in phases or 'compile' in phases else {}
+    def variant(mb, share, cast, compiled):
+        set_variant(m, share, cast)
+        name = (f'update micro-batch {mb} x {GPU_T} timesteps, {share:g} of blocks checkpointed, peft input cast '
+                f'{"on" if cast else "off"}{", compiled blocks" if compiled else ""}')
+        step = lambda: update_step(m, params, opt, x0, cond, sig, mb, GPU_T, autocast)
+        resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
+        try:
+            if compiled:                                             # the first call compiles
+                t_compile = time.time()
+                for b in m.transformer.layers:
+                    b.compile()
+                step()
+                t_compile = time.time() - t_compile
+            t, peak = timed(step, device, 2 if mb <= GPU_MB else 1)
+        except Exception as e:                                       # out of memory, or compile: keep the other rows
+            t = None
+            row = {'oom': True} if isinstance(e, torch.OutOfMemoryError) else {'error': f'{type(e).__name__}: {str(e)[:300]}'}
+        if t is None:                                                # (the failed step's tensors are free only now)
+            opt.zero_grad(set_to_none=True)
+            free(device)
+            add(phase=name, resident_gb=resident, **row)
+            return
+        f_model = flops.get(0.0, math.nan) * mb / GPU_MB                # FLOPs the model needs (no recompute)
+        f_run = f_model + share * (flops.get(1.0, math.nan) - flops.get(0.0, math.nan)) * mb / GPU_MB
+        add(phase=name, s=t, s_per_image=t / (mb * GPU_T), resident_gb=resident, peak_gb=resident + peak / 1e9,
+            mfu=f_model / t / PEAK_TFLOPS / 1e12, tflops_executed=f_run / t / 1e12,
+            **({'s_compile': t_compile} if compiled else {}))
+
+    if 'profile' in phases:                                          # train.py's default on a GPU, after a warm-up
+        set_variant(m, 1.0, False)
+        step = lambda: update_step(m, params, opt, x0, cond, sig, GPU_MB, GPU_T, autocast)
+        step()
+        add(phase=f'profile: update micro-batch {GPU_MB}, all blocks checkpointed, input cast off',
+            **kernel_profile(step, device))
+    for v in UPDATE_VARIANTS:
+        if 'update' in phases and not late():
+            variant(*v)
+    if 'compile' in phases and not late():                            # eager, then compiled blocks (compile=True)
+        variant(GPU_MB, 1.0, False, False)
+        step_row(m, one_step, 'Z-Image', autocast, add, device)
+        variant(GPU_MB, 1.0, False, True)
+        step_row(m, one_step, 'Z-Image (compiled blocks)', autocast, add, device)
+    for flags in ([[]] if 'smoke' in phases else []) + ([['--compile=True']] if 'compile' in phases and is_cuda else []):
+        with tempfile.TemporaryDirectory() as tmp:                  # train.py itself on this device (tiny models)
+            for row in train_smoke(tmp, device, flags):
+                add(**row)
+    policy_gb = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9   # weights + LoRA + Adam, everything resident
+    m.transformer.eval()
+    # REWARD: the project's masked reward, ~300-token labels, 1024^2 images (1024 vision tokens each)
+    if 'reward' in phases:
+        res = sz['res']
+        ims = torch.rand(GPU_REWARD_B, 3, res, res)
+        labels = [' '.join(['a red dog and a blue cat on a green hello world circle square'] * (sz['label_reps'] + 2 * i))
+                  for i in range(GPU_REWARD_B)]
+        n_tok = [len(t) for t in conftest.vlm_tokenizer('qwen3', vocab_size=400)[0](labels)['input_ids']]
+        for size in ('8B', '32B'):
+            if late():
+                break
+            if size == '32B':
+                sample.move([m.text_encoder, m.vae], 'cpu')         # as train.py with text_encoder/vae_on_gpu = False
+            if not reward_row(sz, size, device, dtype, ims, labels, n_tok, add, park=size == '32B'):
+                break
+    return policy_gb
+
+
+def gpu_rows(sz, device, out, budget_s, phases=PHASES):
+    """Measure each phase at the given sizes; each row is written to out as soon as it is measured."""
     t_start, rows = time.time(), []
     dtype, is_cuda = torch.bfloat16, str(device).startswith('cuda')   # bf16 on the CPU too: --dry checks that path
     autocast = torch.autocast(device.split(':')[0], dtype=dtype)
+    late = lambda: time.time() - t_start > budget_s
 
     def add(**row):
         row['elapsed_s'] = round(time.time() - t_start, 1)
@@ -360,68 +576,13 @@ def gpu_rows(sz, device, out, budget_s):
         t, _ = timed(lambda: a @ a, device, 5)
         add(phase='bf16 matmul 8192^3', s=t, tflops=2 * 8192 ** 3 / t / 1e12)
         del a
-    res = sz['res']
-    m = build_zimage(sz, device, dtype)
-    add(phase='Z-Image built', transformer_gb=nbytes(m.transformer) / 1e9, text_encoder_gb=nbytes(m.text_encoder) / 1e9,
-        vae_gb=nbytes(m.vae) / 1e9, params_b=sum(p.numel() for p in m.transformer.parameters()) / 1e9)
-    # ROLLOUT: the project's sampler; time per step from two step counts, so the 30-step figure is exact arithmetic
-    prompts = [' '.join(['a red dog and a blue cat on a green hello world'] * 3)] * GPU_ROLLOUT_B
-    gen = lambda steps: sample.generate(m, prompts, list(range(GPU_ROLLOUT_B)), steps, GPU_CFG, res, res, '',
-                                        GPU_ROLLOUT_B)
-    resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
-    t2, peak = timed(lambda: gen(2), device, 2)
-    t6, _ = timed(lambda: gen(6), device, 2)
-    per_step = (t6 - t2) / 4
-    t30 = t2 + (GPU_STEPS - 2) * per_step
-    sig = sample.sigma_schedule(m, GPU_STEPS, res, res)
-    cond, neg = sample.encode(m, prompts), sample.encode(m, [''])
-    noise = sample.initial_noise(m, list(range(GPU_ROLLOUT_B)), res, res)
-    with torch.no_grad():
-        f_step = count_flops(lambda: sample.euler_sample(m, cond, noise, sig[-2:], GPU_CFG, sample.take(neg, [0] * GPU_ROLLOUT_B)))
-    add(phase=f'rollout {GPU_ROLLOUT_B} images {res}px CFG {GPU_CFG}', s_per_step=per_step, s_fixed=t2 - 2 * per_step,
-        s_30_steps=t30, img_per_s=GPU_ROLLOUT_B / t30, resident_gb=resident, peak_gb=resident + peak / 1e9, mfu=f_step / per_step / PEAK_TFLOPS / 1e12)
-    # UPDATE: LoRA r64 in fp32, AdamW, bf16 autocast, gradient checkpointing, as train.py
-    with torch.no_grad():
-        x0 = sample.euler_sample(m, cond, noise, sig[-2:], GPU_CFG, sample.take(neg, [0] * GPU_ROLLOUT_B))  # [B, C, h, w]
-    params = sample.add_lora(m, GPU_RANK if is_cuda else 4, 2 * GPU_RANK if is_cuda else 8)
-    for p in params:
-        p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    if is_cuda:
-        m.transformer.enable_gradient_checkpointing()
-    m.transformer.train()
-    for mb in (GPU_MB, 2 * GPU_MB):
-        if time.time() - t_start > budget_s:
-            break
-        step = lambda: update_step(m, params, opt, x0, cond, sig, mb, GPU_T, autocast)
-        resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
-        try:
-            t, peak = timed(step, device, 2 if mb == GPU_MB else 1)
-        except torch.OutOfMemoryError:
-            add(phase=f'update micro-batch {mb} x {GPU_T} timesteps', oom=True)
-            torch.cuda.empty_cache()
-            break
-        f = update_flops(sz, m, x0, cond, sig, autocast, GPU_RANK if is_cuda else 4) if mb == GPU_MB else float('nan')
-        add(phase=f'update micro-batch {mb} x {GPU_T} timesteps', s=t, img_fwd_bwd_per_s=mb * GPU_T / t,
-            resident_gb=resident, peak_gb=resident + peak / 1e9, mfu=f / t / PEAK_TFLOPS / 1e12, tflops=f / t / 1e12)
-    policy_gb = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9   # weights + LoRA + Adam, everything resident
-    m.transformer.eval()
-    # REWARD: the project's masked reward, ~300-token labels, 1024^2 images (1024 vision tokens each)
-    ims = torch.rand(GPU_REWARD_B, 3, res, res)
-    labels = [' '.join(['a red dog and a blue cat on a green hello world circle square'] * (sz['label_reps'] + 2 * i))
-              for i in range(GPU_REWARD_B)]
-    n_tok = [len(t) for t in conftest.vlm_tokenizer('qwen3', vocab_size=400)[0](labels)['input_ids']]
-    for size in ('8B', '32B'):
-        if time.time() - t_start > budget_s:
-            break
-        if size == '32B':
-            sample.move([m.text_encoder, m.vae], 'cpu')             # as train.py with text_encoder/vae_on_gpu = False
-        if not reward_row(sz, size, device, dtype, ims, labels, n_tok, add, park=size == '32B'):
-            break
+    policy_gb = zimage_rows(sz, device, dtype, autocast, add, late, phases) if 'zimage' in phases else 0.0
+    free(device)
     # the paper's run from the figures above: per GPU per iteration, G*K/gpus rollouts
     n = PAPER['G'] * PAPER['K'] // PAPER['gpus']
-    roll = [r for r in rows if r['phase'].startswith('rollout')]
-    upd = [r for r in rows if r['phase'].startswith(f'update micro-batch {GPU_MB} ')]
+    roll = [r for r in rows if 'rollout' in r['phase'] and 'img_per_s' in r]
+    upd = [r for r in rows if r['phase'] == (f'update micro-batch {GPU_MB} x {GPU_T} timesteps, 1 of blocks '
+                                              f'checkpointed, peft input cast off') and 's' in r]   # train.py's default
     rew = [r for r in rows if r['phase'].startswith('reward Qwen3-VL-32B') and 'img_per_s' in r]
     park = [r for r in rows if r['phase'].startswith('park the 32B')]
     if roll and upd and rew:
@@ -432,10 +593,51 @@ def gpu_rows(sz, device, out, budget_s):
         add(phase=f'paper iteration per GPU ({n} rollouts, {PAPER["epochs"]} epochs, 8 GPUs)', s_rollout=t_roll,
             s_reward=t_rew, s_update=t_upd, s_park_fetch_vlm=t_park, s_total=total, h_per_100_iters=total * 100 / 3600,
             policy_resident_gb=policy_gb)
+    if 'qwenimage' in phases and not late():
+        try:
+            qwenimage_rows(sz, device, dtype, autocast, add, phases)
+        except Exception as e:                                       # keep the rows above
+            add(phase='Qwen-Image', error=f'{type(e).__name__}: {str(e)[:300]}')
     return rows
 
 
-def train_smoke(tmp, device):
+def qwenimage_rows(sz, device, dtype, autocast, add, phases):
+    """Qwen-Image at paper size: its rollout, and the update at micro-batch GPU_MB with train.py's GPU defaults."""
+    is_cuda = str(device).startswith('cuda')
+    m = build_qwenimage(sz, device, dtype)
+    m.res = sz['res']
+    add(phase='Qwen-Image built', transformer_gb=nbytes(m.transformer) / 1e9, text_encoder_gb=nbytes(m.text_encoder) / 1e9,
+        vae_gb=nbytes(m.vae) / 1e9, params_b=sum(p.numel() for p in m.transformer.parameters()) / 1e9)
+    cond, sig, x0, one_step = rollout_row(m, 'Qwen-Image', add, device, 1 if 'rollout' in phases else 0)
+    sample.move([m.text_encoder, m.vae], 'cpu')                     # as train.py's update phase with both parked
+    rank = GPU_RANK if is_cuda else 4
+    params = sample.add_lora(m, rank, 2 * rank, autocast=True)
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    m.transformer.train()
+    sample.checkpoint_blocks(m, 1.0)
+    small = lambda n: qwenimage_transformer(dict(sz['qwenimage'], num_layers=n))
+    f = update_flops(m, x0, cond, sig, autocast, rank, small, sz['qwenimage']['num_layers'], 0.0)
+    for compiled in ((False, True) if 'compile' in phases else (False,)):
+        name = f'Qwen-Image{" (compiled blocks)" if compiled else ""}'
+        if compiled:
+            sample.compile_blocks(m)
+        step_row(m, one_step, name, autocast, add, device)
+        resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
+        try:
+            t, peak = timed(lambda: update_step(m, params, opt, x0, cond, sig, GPU_MB, GPU_T, autocast), device, 1)
+        except torch.OutOfMemoryError:
+            t = None
+        if t is None:
+            add(phase=f'{name} update micro-batch {GPU_MB}', oom=True, resident_gb=resident)
+            return
+        add(phase=f'{name} update micro-batch {GPU_MB} x {GPU_T} timesteps, all blocks checkpointed, input cast off',
+            s=t, s_per_image=t / (GPU_MB * GPU_T), resident_gb=resident, peak_gb=resident + peak / 1e9,
+            mfu=f / t / PEAK_TFLOPS / 1e12)
+
+
+def train_smoke(tmp, device, extra=()):
     """train.py itself on this device: 2 iterations, tiny models; torchrun with 1 process; an exact resume."""
     zd, vd, pf = os.path.join(tmp, 'zimage'), os.path.join(tmp, 'vlm'), os.path.join(tmp, 'p.jsonl')
     conftest.BUILDERS['zimage']().save_pretrained(zd)
@@ -447,12 +649,13 @@ def train_smoke(tmp, device):
     args = [f'--model={zd}', f'--vlm={vd}', f'--prompts={pf}', '--prompts_per_iter=2', '--images_per_prompt=4',
             '--rollout_steps=3', '--resolution=64', '--batch_size=4', '--micro_batch=2', '--train_timesteps=2',
             '--epochs_per_iter=2', '--lora_rank=4', '--lora_alpha=8', '--save_every=1', '--sample_every=0',
-            '--lr=1e-3', f'--device={device}', '--vlm_on_gpu=False', '--text_encoder_on_gpu=False']
+            '--lr=1e-3', f'--device={device}', '--vlm_on_gpu=False', '--text_encoder_on_gpu=False', *extra]
     rows = []
-    for name, cmd, resume in (('python train.py', [sys.executable, TRAIN], True),
-                              ('torchrun --nproc_per_node 1 train.py', [sys.executable, '-m', 'torch.distributed.run',
-                                                                         '--standalone', '--nproc_per_node=1', TRAIN], False)):
-        d = os.path.join(tmp, name.split()[0])
+    runs = (('python train.py', [sys.executable, TRAIN], not extra),
+            ('torchrun --nproc_per_node 1 train.py', [sys.executable, '-m', 'torch.distributed.run',
+                                                      '--standalone', '--nproc_per_node=1', TRAIN], False))
+    for name, cmd, resume in runs[:1 if extra else 2]:              # extra flags (--compile=True): one process,
+        d = os.path.join(tmp, name.split()[0])                      # no resume (each process compiles anew)
         t = time.time()
         p = subprocess.run(cmd + args + [f'--out_dir={d}', '--max_iters=2'], capture_output=True, text=True)
         if p.returncode == 0 and resume:                             # an exact resume for one more iteration
@@ -460,11 +663,10 @@ def train_smoke(tmp, device):
                                text=True)
         f = os.path.join(d, 'log.jsonl')
         log = [json.loads(l) for l in open(f)] if os.path.isfile(f) else []
-        rows.append({'phase': f'{name} on {device} (2 iterations{" + resume to 3" if resume else ""})',
+        rows.append({'phase': f'{" ".join([name, *extra])} on {device} (2 iterations{" + resume to 3" if resume else ""})',
                      'ok': p.returncode == 0, 'iters': [r['iter'] for r in log],
                      'loss_finite': all(math.isfinite(r.get('loss', math.nan)) for r in log), 's': time.time() - t,
                      'stderr_tail': p.stderr[-600:] if p.returncode else ''})
-        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -474,9 +676,9 @@ if __name__ == '__main__':
     ap.add_argument('--gpu', action='store_true', help="the real architectures at paper size, random weights (one GPU)")
     ap.add_argument('--dry', action='store_true', help="with --gpu: tiny sizes, to check the code on a CPU first")
     ap.add_argument('--budget', type=float, default=420, help="with --gpu: seconds after which no new phase starts")
+    ap.add_argument('--phases', default=','.join(PHASES), help=f"with --gpu: which of {','.join(PHASES)}")
     ap.add_argument('--out', default='')
     a = ap.parse_args()
-    import tempfile
     torch.manual_seed(0)
     if a.gpu:
         dev = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -484,9 +686,7 @@ if __name__ == '__main__':
             sys.exit("--gpu needs a CUDA GPU (add --dry to run the same code on tiny sizes here)")
         out = a.out or 'out/bench_gpu.json'
         os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-        rows = gpu_rows(SIZES['dry' if a.dry else 'real'], dev, out, a.budget)
-        with tempfile.TemporaryDirectory() as tmp:
-            rows += train_smoke(tmp, dev)
+        rows = gpu_rows(SIZES['dry' if a.dry else 'real'], dev, out, a.budget, a.phases.split(','))
         reward.write_json({'device': torch.cuda.get_device_name() if dev == 'cuda' else 'cpu',
                            'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d'), 'rows': rows}, out)
         print(f"wrote {out}")
