@@ -501,8 +501,7 @@ def zimage_rows(sz, device, dtype, autocast, add, late, phases):
         try:
             if compiled:                                             # the first call compiles
                 t_compile = time.time()
-                for b in m.transformer.layers:
-                    b.compile()
+                sample.compile_blocks(m)
                 step()
                 t_compile = time.time() - t_compile
             t, peak = timed(step, device, 2 if mb <= GPU_MB else 1)
@@ -686,7 +685,10 @@ if __name__ == '__main__':
             sys.exit("--gpu needs a CUDA GPU (add --dry to run the same code on tiny sizes here)")
         out = a.out or 'out/bench_gpu.json'
         os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-        rows = gpu_rows(SIZES['dry' if a.dry else 'real'], dev, out, a.budget, a.phases.split(','))
+        phases = a.phases.split(',')
+        if set(phases) - set(PHASES):
+            sys.exit(f"--phases: unknown {sorted(set(phases) - set(PHASES))}; choose from {','.join(PHASES)}")
+        rows = gpu_rows(SIZES['dry' if a.dry else 'real'], dev, out, a.budget, phases)
         reward.write_json({'device': torch.cuda.get_device_name() if dev == 'cuda' else 'cpu',
                            'torch': torch.__version__, 'date': time.strftime('%Y-%m-%d'), 'rows': rows}, out)
         print(f"wrote {out}")

@@ -512,7 +512,12 @@ def block_lists(m):
 def compile_blocks(m):
     """torch.compile each transformer block (blocks of one list share one compiled graph): it fuses the norms,
     modulations, RoPE and LoRA adds around the matmuls (elementwise kernels took 49% of an eager update's GPU time
-    on an H200). The first forward of each new shape (and grad mode) compiles."""
+    on an H200). The first forward of each new shape, grad mode or adapter state compiles another version; a
+    training run needs more than torch's default 8 per block class (13 for Z-Image with beta > 0), beyond which
+    it silently runs eager, so the limit is raised."""
+    cfg = torch._dynamo.config
+    name = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'   # torch < 2.6
+    setattr(cfg, name, max(getattr(cfg, name), 64))
     for blocks in block_lists(m):
         for b in blocks:
             b.compile()

@@ -87,7 +87,7 @@ dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'  # weights and au
 grad_checkpointing = float(torch.cuda.is_available())  # share of transformer blocks recomputed in the update's
                            # backward (1: all, 0: none): less activation memory for ~1/3 more compute per block
 compile = False            # torch.compile each transformer block (GPU): update 1.44x, rollout 1.40x faster on an H200;
-                           # ~20 s of compiling at the start (config/zimage.py turns it on)
+                           # 20-40 s of compiling, more as caption lengths vary (config/zimage.py turns it on)
 vlm_on_gpu = True          # False: the VLM waits on the CPU outside the REWARD phase
 text_encoder_on_gpu = True # False: the text encoder(s) wait on the CPU outside prompt encoding
 vae_on_gpu = True          # False: the VAE waits on the CPU outside decoding
