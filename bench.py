@@ -160,13 +160,13 @@ GPU_RES, GPU_STEPS, GPU_CFG = 1024, 30, 3.5       # the paper's rollout
 GPU_ROLLOUT_B = 4                                 # images per sampler call (config/zimage.py rollout_batch)
 GPU_REWARD_B = 8                                  # images per VLM forward (config/zimage.py reward_batch)
 GPU_MB, GPU_T, GPU_RANK = 2, 6, 64                # update: micro-batch x timesteps per forward, LoRA rank
-UPDATE_VARIANTS = [  # (micro-batch, share of blocks checkpointed, peft's input cast on, blocks compiled)
-    (GPU_MB, 1.0, True, False),                   # train.py until 2026-12-04
-    (GPU_MB, 1.0, False, False),                  # train.py now (add_lora(autocast=True))
-    (GPU_MB, 0.5, False, False),                  # grad_checkpointing = 0.5
-    (GPU_MB, 0.0, False, False),                  # grad_checkpointing = 0
-    (1, 0.0, False, False),
-    (2 * GPU_MB, 1.0, False, False),
+UPDATE_VARIANTS = [  # (micro-batch, share of blocks checkpointed, peft's input cast on), eager
+    (GPU_MB, 1.0, True),                          # train.py until 2026-12-04
+    (GPU_MB, 1.0, False),                         # train.py now (add_lora(autocast=True))
+    (GPU_MB, 0.5, False),                         # grad_checkpointing = 0.5
+    (GPU_MB, 0.0, False),                         # grad_checkpointing = 0
+    (1, 0.0, False),
+    (2 * GPU_MB, 1.0, False),
 ]                                                 # the 'compile' phase: train.py's default eager, then compiled
 PAPER = dict(G=32, K=8, gpus=8, epochs=4)         # per iteration: 32 prompts x 8 images, 4 epochs, on 8 GPUs
 PEAK_TFLOPS = 989.0                               # H100/H200 SXM dense bf16 (datasheet), for MFU
@@ -492,7 +492,7 @@ def zimage_rows(sz, device, dtype, autocast, add, late, phases):
     small = lambda n: zimage_transformer(dict(sz['zimage'], n_layers=n))
     flops = {s: update_flops(m, x0, cond, sig, autocast, GPU_RANK if is_cuda else 4, small, sz['zimage']['n_layers'], s)
              for s in (0.0, 1.0)} if 'update' in phases or 'compile' in phases else {}
-    def variant(mb, share, cast, compiled):
+    def variant(mb, share, cast, compiled=False):
         set_variant(m, share, cast)
         name = (f'update micro-batch {mb} x {GPU_T} timesteps, {share:g} of blocks checkpointed, peft input cast '
                 f'{"on" if cast else "off"}{", compiled blocks" if compiled else ""}')
@@ -529,9 +529,9 @@ def zimage_rows(sz, device, dtype, autocast, add, late, phases):
         if 'update' in phases and not late():
             variant(*v)
     if 'compile' in phases and not late():                            # eager, then compiled blocks (compile=True)
-        variant(GPU_MB, 1.0, False, False)
+        variant(GPU_MB, 1.0, False)
         step_row(m, one_step, 'Z-Image', autocast, add, device)
-        variant(GPU_MB, 1.0, False, True)
+        variant(GPU_MB, 1.0, False, compiled=True)
         step_row(m, one_step, 'Z-Image (compiled blocks)', autocast, add, device)
     for flags in ([[]] if 'smoke' in phases else []) + ([['--compile=True']] if 'compile' in phases and is_cuda else []):
         with tempfile.TemporaryDirectory() as tmp:                  # train.py itself on this device (tiny models)
