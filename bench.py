@@ -329,14 +329,17 @@ def nbytes(*modules):
 
 
 def timed(fn, device, repeats=2):
-    """min over repeats of fn's wall time (after one warm-up), and the warm-up's peak memory above the start."""
+    """min over repeats of fn's wall time after one warm-up, the warm-up's peak memory above the start (bytes), and
+    the warm-up's time (a compiled model's first call compiles)."""
     cuda = str(device).startswith('cuda')
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     mem = torch.cuda.memory_allocated() if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
     fn()
     sync()
+    first = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() - mem if cuda else 0
     ts = []
     for _ in range(repeats):
@@ -344,7 +347,7 @@ def timed(fn, device, repeats=2):
         fn()
         sync()
         ts.append(time.perf_counter() - t)
-    return min(ts), peak
+    return min(ts), peak, first
 
 
 def count_flops(fn):
@@ -416,7 +419,7 @@ def reward_row(sz, size, device, dtype, ims, labels, n_tok, add, park=False):
     vm, vp = build_vlm(sz, size, device, dtype)
     resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
     try:
-        t, peak = timed(lambda: reward.promptecho_reward(vm, vp, ims, labels, max_batch=GPU_REWARD_B,
+        t, peak, _ = timed(lambda: reward.promptecho_reward(vm, vp, ims, labels, max_batch=GPU_REWARD_B,
                                                          max_pixels=ims.shape[-1] ** 2), device, 2)
     except torch.OutOfMemoryError:
         add(phase=f'reward Qwen3-VL-{size}', oom=True, resident_gb=resident)
@@ -450,8 +453,8 @@ def rollout_row(m, name, add, device, repeats=2):
     one_step = lambda: sample.euler_sample(m, cond, noise, sig[-2:], GPU_CFG, sample.take(neg, [0] * GPU_ROLLOUT_B))
     if repeats:
         resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
-        t2, peak = timed(lambda: gen(2), device, repeats)
-        t6, _ = timed(lambda: gen(6), device, repeats)
+        t2, peak, _ = timed(lambda: gen(2), device, repeats)
+        t6, _, _ = timed(lambda: gen(6), device, repeats)
         per_step = (t6 - t2) / 4
         t30 = t2 + (GPU_STEPS - 2) * per_step
         with torch.no_grad():
@@ -466,12 +469,56 @@ def step_row(m, one_step, name, autocast, add, device):
     """One CFG Euler step of GPU_ROLLOUT_B images with the LoRA on, under autocast as train.py's rollouts (the first
     call of a compiled model compiles: s_first)."""
     m.transformer.eval()
-    t0 = time.perf_counter()
     with torch.no_grad(), autocast:
-        t, _ = timed(one_step, device, 3)
+        t, _, first = timed(one_step, device, 3)
     add(phase=f'{name} rollout step, {GPU_ROLLOUT_B} images {m.res}px CFG {GPU_CFG}, LoRA on', s_per_step=t,
-        img_per_s_30_steps=GPU_ROLLOUT_B / (GPU_STEPS * t), s_first=time.perf_counter() - t0 - 3 * t)
+        img_per_s_30_steps=GPU_ROLLOUT_B / (GPU_STEPS * t), s_first=first)
     m.transformer.train()
+
+
+def lora_policy(m, rank):
+    """The policy as train.py trains it on a GPU: LoRA in fp32 (peft's input cast off under autocast), AdamW."""
+    params = sample.add_lora(m, rank, 2 * rank, autocast=True)
+    for p in params:
+        p.data = p.data.float()
+    m.transformer.train()
+    return params, torch.optim.AdamW(params, lr=1e-5)
+
+
+def update_row(add, name, m, params, opt, x0, cond, sig, autocast, flops, mb=GPU_MB, share=1.0):
+    """One update micro-step (mb rollouts x GPU_T timesteps): time, peak memory, first call (compiling), and the
+    model-FLOP utilisation from flops = {share: FLOPs of a GPU_MB micro-step}; an out-of-memory row otherwise."""
+    is_cuda = m.device.type == 'cuda'
+    resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
+    try:
+        t, peak, first = timed(lambda: update_step(m, params, opt, x0, cond, sig, mb, GPU_T, autocast), m.device,
+                               2 if mb <= GPU_MB else 1)
+    except Exception as e:                                           # out of memory, or compile: keep the other rows
+        t, row = None, {'oom': True} if isinstance(e, torch.OutOfMemoryError) else {'error': f'{type(e).__name__}: {e}'[:300]}
+    if t is None:                                                    # (the failed step's tensors are free only now)
+        opt.zero_grad(set_to_none=True)
+        free(m.device)
+        add(phase=name, resident_gb=resident, **row)
+        return
+    f_model = flops[0.0] * mb / GPU_MB                               # FLOPs the model needs (no recompute)
+    f_run = f_model + share * (flops[1.0] - flops[0.0]) * mb / GPU_MB
+    add(phase=name, s=t, s_per_image=t / (mb * GPU_T), s_first=first, resident_gb=resident,
+        peak_gb=resident + peak / 1e9, mfu=f_model / t / PEAK_TFLOPS / 1e12, tflops_executed=f_run / t / 1e12)
+
+
+def update_name(model, mb=GPU_MB, share=1.0, cast=False):
+    return (f'{model} update micro-batch {mb} x {GPU_T} timesteps, {share:g} of blocks checkpointed, input cast '
+            f'{"on" if cast else "off"}')
+
+
+def eager_vs_compiled(add, model, m, params, opt, x0, cond, sig, autocast, flops, one_step):
+    """train.py's GPU default (all blocks checkpointed, input cast off) eager, then with compile = True."""
+    for compiled in (False, True):
+        if compiled:
+            sample.compile_blocks(m)
+        name = model + (' (compiled blocks)' if compiled else '')
+        update_row(add, update_name(name), m, params, opt, x0, cond, sig, autocast, flops)
+        step_row(m, one_step, name, autocast, add, m.device)
 
 
 def zimage_rows(sz, device, dtype, autocast, add, late, phases):
@@ -484,55 +531,24 @@ def zimage_rows(sz, device, dtype, autocast, add, late, phases):
         vae_gb=nbytes(m.vae) / 1e9, params_b=sum(p.numel() for p in m.transformer.parameters()) / 1e9)
     cond, sig, x0, one_step = rollout_row(m, 'Z-Image', add, device, 2 if 'rollout' in phases else 0)
     # UPDATE: LoRA r64 in fp32, AdamW, bf16 autocast, as train.py; the variants of UPDATE_VARIANTS
-    params = sample.add_lora(m, GPU_RANK if is_cuda else 4, 2 * GPU_RANK if is_cuda else 8, autocast=True)
-    for p in params:
-        p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    m.transformer.train()
+    rank = GPU_RANK if is_cuda else 4
+    params, opt = lora_policy(m, rank)
     small = lambda n: zimage_transformer(dict(sz['zimage'], n_layers=n))
-    flops = {s: update_flops(m, x0, cond, sig, autocast, GPU_RANK if is_cuda else 4, small, sz['zimage']['n_layers'], s)
-             for s in (0.0, 1.0)} if 'update' in phases or 'compile' in phases else {}
-    def variant(mb, share, cast, compiled=False):
-        set_variant(m, share, cast)
-        name = (f'update micro-batch {mb} x {GPU_T} timesteps, {share:g} of blocks checkpointed, peft input cast '
-                f'{"on" if cast else "off"}{", compiled blocks" if compiled else ""}')
-        step = lambda: update_step(m, params, opt, x0, cond, sig, mb, GPU_T, autocast)
-        resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
-        try:
-            if compiled:                                             # the first call compiles
-                t_compile = time.time()
-                sample.compile_blocks(m)
-                step()
-                t_compile = time.time() - t_compile
-            t, peak = timed(step, device, 2 if mb <= GPU_MB else 1)
-        except Exception as e:                                       # out of memory, or compile: keep the other rows
-            t = None
-            row = {'oom': True} if isinstance(e, torch.OutOfMemoryError) else {'error': f'{type(e).__name__}: {str(e)[:300]}'}
-        if t is None:                                                # (the failed step's tensors are free only now)
-            opt.zero_grad(set_to_none=True)
-            free(device)
-            add(phase=name, resident_gb=resident, **row)
-            return
-        f_model = flops.get(0.0, math.nan) * mb / GPU_MB                # FLOPs the model needs (no recompute)
-        f_run = f_model + share * (flops.get(1.0, math.nan) - flops.get(0.0, math.nan)) * mb / GPU_MB
-        add(phase=name, s=t, s_per_image=t / (mb * GPU_T), resident_gb=resident, peak_gb=resident + peak / 1e9,
-            mfu=f_model / t / PEAK_TFLOPS / 1e12, tflops_executed=f_run / t / 1e12,
-            **({'s_compile': t_compile} if compiled else {}))
-
+    flops = {s: update_flops(m, x0, cond, sig, autocast, rank, small, sz['zimage']['n_layers'], s) for s in (0.0, 1.0)}
     if 'profile' in phases:                                          # train.py's default on a GPU, after a warm-up
         set_variant(m, 1.0, False)
         step = lambda: update_step(m, params, opt, x0, cond, sig, GPU_MB, GPU_T, autocast)
         step()
         add(phase=f'profile: update micro-batch {GPU_MB}, all blocks checkpointed, input cast off',
             **kernel_profile(step, device))
-    for v in UPDATE_VARIANTS:
+    for mb, share, cast in UPDATE_VARIANTS:
         if 'update' in phases and not late():
-            variant(*v)
-    if 'compile' in phases and not late():                            # eager, then compiled blocks (compile=True)
-        variant(GPU_MB, 1.0, False)
-        step_row(m, one_step, 'Z-Image', autocast, add, device)
-        variant(GPU_MB, 1.0, False, compiled=True)
-        step_row(m, one_step, 'Z-Image (compiled blocks)', autocast, add, device)
+            set_variant(m, share, cast)
+            update_row(add, update_name('Z-Image', mb, share, cast), m, params, opt, x0, cond, sig, autocast, flops,
+                       mb, share)
+    if 'compile' in phases and not late():
+        set_variant(m, 1.0, False)
+        eager_vs_compiled(add, 'Z-Image', m, params, opt, x0, cond, sig, autocast, flops, one_step)
     for flags in ([[]] if 'smoke' in phases else []) + ([['--compile=True']] if 'compile' in phases and is_cuda else []):
         with tempfile.TemporaryDirectory() as tmp:                  # train.py itself on this device (tiny models)
             for row in train_smoke(tmp, device, flags):
@@ -572,26 +588,29 @@ def gpu_rows(sz, device, out, budget_s, phases=PHASES):
 
     if is_cuda:                                                      # the chip's measured ceiling
         a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        t, _ = timed(lambda: a @ a, device, 5)
+        t, _, _ = timed(lambda: a @ a, device, 5)
         add(phase='bf16 matmul 8192^3', s=t, tflops=2 * 8192 ** 3 / t / 1e12)
         del a
     policy_gb = zimage_rows(sz, device, dtype, autocast, add, late, phases) if 'zimage' in phases else 0.0
     free(device)
-    # the paper's run from the figures above: per GPU per iteration, G*K/gpus rollouts
+    # the paper's run from the figures above (compiled where measured: config/zimage.py compiles), per GPU per
+    # iteration: G*K/gpus rollouts, each rollout call 30 Euler steps + its fixed cost (encoding, decoding)
     n = PAPER['G'] * PAPER['K'] // PAPER['gpus']
-    roll = [r for r in rows if 'rollout' in r['phase'] and 'img_per_s' in r]
-    upd = [r for r in rows if r['phase'] == (f'update micro-batch {GPU_MB} x {GPU_T} timesteps, 1 of blocks '
-                                              f'checkpointed, peft input cast off') and 's' in r]   # train.py's default
-    rew = [r for r in rows if r['phase'].startswith('reward Qwen3-VL-32B') and 'img_per_s' in r]
-    park = [r for r in rows if r['phase'].startswith('park the 32B')]
-    if roll and upd and rew:
-        t_roll, t_rew = n / roll[0]['img_per_s'], n / rew[0]['img_per_s']
-        t_upd = n * GPU_T * PAPER['epochs'] / (GPU_MB * GPU_T) * upd[0]['s']
-        t_park = park[0]['s_fetch_again'] + park[0]['s_park'] if park else 0.0
+    row = lambda phase: next((r for r in rows if r['phase'].startswith(phase) and 'oom' not in r and 'error' not in r),
+                             None)                                   # the first measured row of that phase
+    fixed = row('Z-Image rollout 4')
+    step = row('Z-Image (compiled blocks) rollout step') or row('Z-Image rollout step') or fixed
+    upd = row(update_name('Z-Image (compiled blocks)')) or row(update_name('Z-Image'))
+    rew = row('reward Qwen3-VL-32B')
+    park = next((r for r in rows if r['phase'].startswith('park the 32B')), None)
+    if step and upd and rew:
+        t_roll = n / GPU_ROLLOUT_B * (GPU_STEPS * step['s_per_step'] + (fixed['s_fixed'] if fixed else 0.0))
+        t_rew, t_upd = n / GPU_REWARD_B * rew['s'], n * PAPER['epochs'] / GPU_MB * upd['s']
+        t_park = park['s_fetch_again'] + park['s_park'] if park else 0.0
         total = t_roll + t_rew + t_upd + t_park
-        add(phase=f'paper iteration per GPU ({n} rollouts, {PAPER["epochs"]} epochs, 8 GPUs)', s_rollout=t_roll,
-            s_reward=t_rew, s_update=t_upd, s_park_fetch_vlm=t_park, s_total=total, h_per_100_iters=total * 100 / 3600,
-            policy_resident_gb=policy_gb)
+        add(phase=f'paper iteration per GPU ({n} rollouts, {PAPER["epochs"]} epochs, 8 GPUs), from: {step["phase"]}; '
+                  f'{upd["phase"]}', s_rollout=t_roll, s_reward=t_rew, s_update=t_upd, s_park_fetch_vlm=t_park,
+            s_total=total, h_per_100_iters=total * 100 / 3600, policy_resident_gb=policy_gb)
     if 'qwenimage' in phases and not late():
         try:
             qwenimage_rows(sz, device, dtype, autocast, add, phases)
@@ -610,30 +629,14 @@ def qwenimage_rows(sz, device, dtype, autocast, add, phases):
     cond, sig, x0, one_step = rollout_row(m, 'Qwen-Image', add, device, 1 if 'rollout' in phases else 0)
     sample.move([m.text_encoder, m.vae], 'cpu')                     # as train.py's update phase with both parked
     rank = GPU_RANK if is_cuda else 4
-    params = sample.add_lora(m, rank, 2 * rank, autocast=True)
-    for p in params:
-        p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    m.transformer.train()
+    params, opt = lora_policy(m, rank)
     sample.checkpoint_blocks(m, 1.0)
     small = lambda n: qwenimage_transformer(dict(sz['qwenimage'], num_layers=n))
-    f = update_flops(m, x0, cond, sig, autocast, rank, small, sz['qwenimage']['num_layers'], 0.0)
-    for compiled in ((False, True) if 'compile' in phases else (False,)):
-        name = f'Qwen-Image{" (compiled blocks)" if compiled else ""}'
-        if compiled:
-            sample.compile_blocks(m)
-        step_row(m, one_step, name, autocast, add, device)
-        resident = (torch.cuda.memory_allocated() if is_cuda else 0) / 1e9
-        try:
-            t, peak = timed(lambda: update_step(m, params, opt, x0, cond, sig, GPU_MB, GPU_T, autocast), device, 1)
-        except torch.OutOfMemoryError:
-            t = None
-        if t is None:
-            add(phase=f'{name} update micro-batch {GPU_MB}', oom=True, resident_gb=resident)
-            return
-        add(phase=f'{name} update micro-batch {GPU_MB} x {GPU_T} timesteps, all blocks checkpointed, input cast off',
-            s=t, s_per_image=t / (GPU_MB * GPU_T), resident_gb=resident, peak_gb=resident + peak / 1e9,
-            mfu=f / t / PEAK_TFLOPS / 1e12)
+    flops = {s: update_flops(m, x0, cond, sig, autocast, rank, small, sz['qwenimage']['num_layers'], s) for s in (0.0, 1.0)}
+    if 'compile' in phases:
+        eager_vs_compiled(add, 'Qwen-Image', m, params, opt, x0, cond, sig, autocast, flops, one_step)
+    else:
+        update_row(add, update_name('Qwen-Image'), m, params, opt, x0, cond, sig, autocast, flops)
 
 
 def train_smoke(tmp, device, extra=()):
