@@ -54,7 +54,8 @@ def data():
     rng = np.random.default_rng(1234)
     out = []
     for _ in range(N_SCENES):
-        scene = toy.random_scene(rng, n_objects=int(rng.integers(1, toy.GRID ** 2 + 1)))  # the renderer's full range
+        # the renderer's full range: 1-4 objects in a 2 x 2 layout (the world itself draws 1-MAX_OBJECTS)
+        scene = toy.random_scene(rng, n_objects=int(rng.integers(1, 5)), layout=(2, 2))
         claims = toy.scene_claims(scene, rng)
         out.append((scene, toy.render(scene), claims, toy.verbalize(claims, rng)))
     return out
@@ -74,16 +75,23 @@ def test_scene_geometry(data):
             assert o['r'] + toy.EDGE <= min(o['x'], o['y']) and max(o['x'], o['y']) <= 63 - o['r'] - toy.EDGE
             for p in scene[:i]:  # circumcircles at least 3 px apart: objects never touch
                 assert np.hypot(o['x'] - p['x'], o['y'] - p['y']) >= o['r'] + p['r'] + toy.GAP
-    assert len(toy.random_scene(np.random.default_rng(0), n_objects=4)) == 4
+    assert len(toy.random_scene(np.random.default_rng(0), n_objects=4, layout=(2, 2))) == 4
+    with pytest.raises(AssertionError):                          # one object per cell: a 1 x 2 layout holds 2
+        toy.random_scene(np.random.default_rng(0), n_objects=3, layout=(1, 2))
 
 
 def test_scene_layout_one_object_per_cell(data):
-    cell = 64 / toy.GRID
-    for scene, *_ in data:
-        cells = [(int((o['x'] + 0.5) // cell), int((o['y'] + 0.5) // cell)) for o in scene]
-        assert len(set(cells)) == len(scene)                     # never two objects in one cell
-        for o, (i, j) in zip(scene, cells):                      # within JITTER of the cell's centre
-            assert max(abs(o['x'] - ((i + 0.5) * cell - 0.5)), abs(o['y'] - ((j + 0.5) * cell - 0.5))) <= toy.JITTER
+    rng = np.random.default_rng(5)
+    row = [toy.random_scene(rng, layout=(1, 2)) for _ in range(200)]  # LAYOUT = (1, 2): side by side
+    for (rows, cols), scenes in (((2, 2), [d[0] for d in data]), ((1, 2), row)):
+        w, h, used = 64 / cols, 64 / rows, set()
+        for scene in scenes:
+            cells = [(int((o['x'] + 0.5) // w), int((o['y'] + 0.5) // h)) for o in scene]
+            assert len(set(cells)) == len(scene)                 # never two objects in one cell
+            for o, (i, j) in zip(scene, cells):                  # within JITTER of the cell's centre
+                assert max(abs(o['x'] - ((i + 0.5) * w - 0.5)), abs(o['y'] - ((j + 0.5) * h - 0.5))) <= toy.JITTER
+            used |= set(cells)
+        assert len(used) == rows * cols                           # every cell is used
 
 def test_render_area_colour_and_extent():
     rng = np.random.default_rng(0)
@@ -287,7 +295,7 @@ def test_caption_scene_pairs_and_augment():
         assert aug.shape == image.shape and aug.dtype == np.uint8 and (aug != image).any()
         ok.append(toy.score(aug, text)[1])
     assert np.mean(ok) >= 0.95
-    many = toy.caption_scene_pairs(40, seed=0, max_objects=4)    # the captioners' scenes: 1-4 objects
+    many = toy.caption_scene_pairs(40, seed=0, max_objects=4, layout=(2, 2))  # the 2 x 2 world's captioners: 1-4
     assert {next(c[1] for c in toy.parse_caption(t) if c[0] == 'total') for _, t in many} == {1, 2, 3, 4}
     assert all(toy.score(image, text) == (1.0, True) for image, text in many)
 
@@ -327,6 +335,10 @@ def test_prepare_rebuilds_only_what_its_recipe_changed(tmp_path):
     assert json.load(open(os.path.join(d, 'zimage', 'toy_recipe.json')))['max_objects'] == toy.MAX_OBJECTS
     toy.prepare(d, steps=(1, 1, 2, 1), n_pretrain=8)
     assert stamp() == first                                       # nothing rebuilt
+    heldout = open(os.path.join(d, 'heldout.jsonl')).read()
+    open(os.path.join(d, 'heldout.jsonl'), 'w').write('{"prompt": "one red circle above a blue square", "id": "0"}\n')
+    toy.prepare(d, steps=(1, 1, 2, 1), n_pretrain=8)              # another world's prompts are rewritten
+    assert open(os.path.join(d, 'heldout.jsonl')).read() == heldout and stamp() == first
     os.remove(os.path.join(d, 'vlm_weak', 'toy_recipe.json'))     # a build of an older toy.py
     toy.prepare(d, steps=(1, 1, 3, 1), n_pretrain=8)              # VLM_STEPS edited
     again = stamp()

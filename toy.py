@@ -28,14 +28,16 @@ IMAGE_SIZE = 64                 # images are (IMAGE_SIZE, IMAGE_SIZE, 3) uint8
 BACKGROUND = (255, 255, 255)    # white
 COLORS = {'red': (220, 30, 30), 'green': (30, 170, 50), 'blue': (30, 60, 220), 'yellow': (240, 200, 20)}
 SHAPES = ('circle', 'square', 'triangle')
-GRID = 2                        # objects sit in the cells of a GRID x GRID layout (one per cell) ...
+LAYOUT = (2, 2)                 # objects sit in the cells of a rows x cols layout (one per cell) ... (1, 2): side by
+                                # side, a world of binding and left/right errors (TOY.md, "A 1 x 2 world")
 JITTER = 2.0                    # ... at the cell centre +- JITTER px: composition, not placement, is the task
 R_MIN, R_MAX = 9.0, 11.5        # circumradius range, px (fits a 32 px cell with the jitter and EDGE)
-MAX_OBJECTS = 2                 # objects per random scene: 1..MAX_OBJECTS (the layout holds up to GRID**2)
+MAX_OBJECTS = 2                 # objects per random scene: 1..MAX_OBJECTS (the layout holds up to rows * cols)
+CELLS = LAYOUT[0] * LAYOUT[1]
 GAP = 3.0                       # min px between two objects' circumcircles: objects never touch
 EDGE = 2.0                      # min px between a circumcircle and the border (room for +-2 px jitter)
-assert (IMAGE_SIZE / GRID / 2 - 0.5 - JITTER - R_MAX >= EDGE and  # the layout keeps both margins
-        IMAGE_SIZE / GRID - 2 * (JITTER + R_MAX) >= GAP and MAX_OBJECTS <= GRID ** 2)
+assert (IMAGE_SIZE / max(LAYOUT) / 2 - 0.5 - JITTER - R_MAX >= EDGE and  # the layout keeps both margins
+        IMAGE_SIZE / max(LAYOUT) - 2 * (JITTER + R_MAX) >= GAP and MAX_OBJECTS <= CELLS)
 SUPERSAMPLE = 4                 # render at 4x4 samples per pixel, then box-average (anti-aliasing)
 AREA_FACTOR = {'circle': np.pi, 'square': 2.0, 'triangle': 3 * np.sqrt(3) / 4}  # area = f * r^2
 # detector
@@ -65,14 +67,16 @@ VOCAB = sorted({w for p in _phrases for w in p.split()} | {w for ws in NUMBER_WO
 # -----------------------------------------------------------------------------
 # scenes and rendering
 
-def random_scene(rng, n_objects=None, max_objects=MAX_OBJECTS):
-    """A list of n objects {'shape', 'color', 'x', 'y', 'r'} (default 1..max_objects), each in its own grid cell."""
+def random_scene(rng, n_objects=None, max_objects=MAX_OBJECTS, layout=LAYOUT):
+    """A list of n objects {'shape', 'color', 'x', 'y', 'r'} (default 1..max_objects), each in its own cell of
+    the (rows, cols) layout."""
     n = int(rng.integers(1, max_objects + 1)) if n_objects is None else n_objects
-    assert 1 <= n <= GRID ** 2, n
-    cell = IMAGE_SIZE / GRID
+    rows, cols = layout
+    assert 1 <= n <= rows * cols, n
+    w, h = IMAGE_SIZE / cols, IMAGE_SIZE / rows                   # cell size, px
     scene = []
-    for k in rng.permutation(GRID ** 2)[:n]:
-        cx, cy = (k % GRID + 0.5) * cell - 0.5, (k // GRID + 0.5) * cell - 0.5   # pixel centres: 15.5, 47.5
+    for k in rng.permutation(rows * cols)[:n]:
+        cx, cy = (k % cols + 0.5) * w - 0.5, (k // cols + 0.5) * h - 0.5  # pixel centres: 15.5 / 47.5, 31.5
         x, y = np.array([cx, cy]) + rng.uniform(-JITTER, JITTER, size=2)
         shape, color = _pick(rng, SHAPES), _pick(rng, list(COLORS))
         scene.append(dict(shape=shape, color=color, x=float(x), y=float(y), r=float(rng.uniform(R_MIN, R_MAX))))
@@ -327,7 +331,7 @@ def error_kind(image, caption):
     return 'blank' if not objs else 'extra' if len(objs) > total else 'missing' if len(objs) < total else 'attr'
 
 def surplus(image, caption):
-    """What an over-full image ('extra') holds: (objects in both rows of the layout, surplus objects that
+    """What an over-full image ('extra') holds: (objects in both the top and the bottom half, surplus objects that
     repeat a prompted colour and shape, objects of a prompted colour with an unprompted shape). None if the
     image does not hold more objects than the caption says."""
     claims, objs = parse_caption(caption), detect(image)
@@ -362,12 +366,12 @@ def prompt_split(n_train, n_heldout, seed=0):
             out[s].append(text)
     raise RuntimeError(f'could not find {n_train} + {n_heldout} distinct prompts')
 
-def caption_scene_pairs(n, seed=0, exclude=(), max_objects=MAX_OBJECTS):
+def caption_scene_pairs(n, seed=0, exclude=(), max_objects=MAX_OBJECTS, layout=LAYOUT):
     """n (image uint8 (H, W, 3), caption) pairs of random scenes of 1..max_objects objects; captions in
     `exclude` are skipped."""
     rng, exclude, pairs = np.random.default_rng(seed), set(exclude), []
     while len(pairs) < n:
-        scene = random_scene(rng, max_objects=max_objects)
+        scene = random_scene(rng, max_objects=max_objects, layout=layout)
         text = caption(scene, rng)
         if text not in exclude:
             pairs.append((render(scene), text))
@@ -407,8 +411,8 @@ DIT_STEPS = 4000                # policy steps: recognisable shapes, some blank 
 DIT_BATCH = 16                  # policy batch: small batches, many steps (5-7 steps/s on 2 cores)
 VLM_STEPS = 700                 # captioner steps (the "strong" reward VLM)
 VLM_WEAK_STEPS = 150            # a weaker captioner, for the stronger-VLM-helps ablation
-VLM_MAX_OBJECTS = 4             # captioners see scenes of 1-4 objects, the policy 1-MAX_OBJECTS: the base often
-                                # draws 3-4 shapes for a 1-2 shape prompt, and a reader must know what that looks like
+VLM_MAX_OBJECTS = CELLS         # captioners see scenes of 1 to as many objects as the layout holds, the policy
+                                # 1-MAX_OBJECTS: the base often draws 3-4 shapes for a 1-2 shape prompt
 BATCH = 32                      # captioner batch
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
            "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -596,6 +600,8 @@ def _built(d, recipe):
     if not os.path.isdir(d):
         return False
     old = json.load(open(path)) if os.path.isfile(path) else 'unknown (no toy_recipe.json)'
+    if isinstance(old, dict):
+        old.setdefault('layout', [2, 2])                      # built before LAYOUT was a constant
     if old != recipe:
         print(f"{d} was built with recipe {old}; the recipe is now {recipe}: rebuilding it")
     return old == recipe
@@ -603,7 +609,8 @@ def _built(d, recipe):
 
 def prepare(out_dir=TOY_DIR, query='Describe this image in detail.', steps=None, n_pretrain=N_PRETRAIN):
     """Build whatever is missing under out_dir: prompt files, the policy, the two captioners. Each model
-    directory holds the recipe it was built with (toy_recipe.json); a model of another recipe is rebuilt.
+    directory holds the recipe it was built with (toy_recipe.json: steps, pairs, layout, object range, query); a
+    model of another recipe is rebuilt, and prompt files of another world are rewritten.
     steps: (vae, dit, vlm, weak vlm) pretraining steps; None = the constants (tests pass tiny ones)."""
     vae_s, dit_s, vlm_s, weak_s = steps or (VAE_STEPS, DIT_STEPS, VLM_STEPS, VLM_WEAK_STEPS)
     import json
@@ -613,11 +620,15 @@ def prepare(out_dir=TOY_DIR, query='Describe this image in detail.', steps=None,
     train, heldout = prompt_split(N_TRAIN, N_HELDOUT, seed=0)
     for name, rows in (('train.jsonl', train), ('heldout.jsonl', heldout)):
         path = os.path.join(out_dir, name)
-        if not os.path.isfile(path):
+        text = ''.join(json.dumps({'prompt': p, 'id': str(i)}) + '\n' for i, p in enumerate(rows))
+        old = open(path).read() if os.path.isfile(path) else None
+        if old != text:
+            if old is not None:                                # another world's prompts (an edited constant)
+                print(f"{path} holds the prompts of another toy world: rewriting it")
             with open(path + '.tmp', 'w') as f:
-                f.writelines(json.dumps({'prompt': p, 'id': str(i)}) + '\n' for i, p in enumerate(rows))
+                f.write(text)
             os.replace(path + '.tmp', path)
-    data = dict(n_pretrain=n_pretrain, seed=1)                # pretraining pairs: held-out captions excluded
+    data = dict(n_pretrain=n_pretrain, seed=1, layout=list(LAYOUT))  # pretraining pairs: held-out captions excluded
     vlm = lambda s: dict(data, max_objects=VLM_MAX_OBJECTS, steps=s, query=query)
     pairs = {}                                                # max_objects -> (image, caption) pairs
     for sub, recipe, fn in (
@@ -653,7 +664,8 @@ def pretraining_meanings(out_dir=TOY_DIR):
         rec = json.load(f)
     with open(os.path.join(out_dir, 'heldout.jsonl')) as f:
         heldout = [json.loads(line)['prompt'] for line in f if line.strip()]
-    pairs = caption_scene_pairs(rec['n_pretrain'], rec['seed'], exclude=heldout, max_objects=rec['max_objects'])
+    pairs = caption_scene_pairs(rec['n_pretrain'], rec['seed'], exclude=heldout, max_objects=rec['max_objects'],
+                                layout=tuple(rec.get('layout', (2, 2))))  # builds before the layout was a constant: 2 x 2
     return {tuple(parse_caption(c)) for _, c in pairs}
 
 
