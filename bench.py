@@ -240,12 +240,9 @@ def qwenimage_transformer(cfg):
 
 def set_variant(m, share, cast):
     """grad_checkpointing = share and peft's cast of LoRA inputs to fp32 on or off (train.py: off under autocast)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
     m.transformer.disable_gradient_checkpointing()
     sample.checkpoint_blocks(m, share)
-    for mod in m.transformer.modules():
-        if isinstance(mod, BaseTunerLayer):
-            mod.cast_input_dtype_enabled = cast
+    sample.lora_input_cast(m, cast)
 
 
 def update_flops(m, x0, cond, sig, autocast, rank, small_transformer, n_layers, share):

@@ -491,17 +491,23 @@ def generate(m, prompts, seeds, steps=50, cfg=4.0, height=1024, width=1024, nega
 
 def add_lora(m, rank, alpha, autocast=False):
     """Attach a peft LoRA (adapter 'default') to the transformer's LORA_TARGETS; only it trains.
-    autocast: the forwards run under autocast, which computes the LoRA matmuls in its dtype anyway, so peft's cast
-    of each input to the (fp32) LoRA weights' dtype is switched off: it only wrote an fp32 copy of every activation."""
+    autocast: the forwards run under autocast, so peft's input cast is switched off (lora_input_cast)."""
     from peft import LoraConfig
-    from peft.tuners.tuners_utils import BaseTunerLayer
     m.transformer.requires_grad_(False)
     m.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights='gaussian',
                                          target_modules=LORA_TARGETS[m.family]))
-    for mod in m.transformer.modules():
-        if autocast and isinstance(mod, BaseTunerLayer):
-            mod.cast_input_dtype_enabled = False
+    if autocast:
+        lora_input_cast(m, False)
     return [p for p in m.transformer.parameters() if p.requires_grad]
+
+
+def lora_input_cast(m, on):
+    """peft's cast of each LoRA layer's input to the (fp32) LoRA weights' dtype, on or off. Under autocast the LoRA
+    matmuls run in autocast's dtype anyway, so the cast only writes an fp32 copy of every activation."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for mod in m.transformer.modules():
+        if isinstance(mod, BaseTunerLayer):
+            mod.cast_input_dtype_enabled = on
 
 
 def block_lists(m):
@@ -525,7 +531,7 @@ def compile_blocks(m):
 
 def checkpoint_blocks(m, share):
     """Gradient checkpointing on the first round(share * n) blocks of each of the transformer's block lists (1: all,
-    diffusers' own switch; 0: none). A checkpointed block keeps only its input and runs its forward again in the
+    as diffusers' own switch does; 0: none). A checkpointed block keeps only its input and runs its forward again in the
     backward: less activation memory, about a third more compute for that block."""
     if share <= 0:
         return
